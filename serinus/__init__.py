@@ -1,0 +1,3 @@
+"""Serinus: NVIDIA Canary speech models (ASR, translation, timestamps) in plain PyTorch."""
+
+__version__ = "0.1.0"
