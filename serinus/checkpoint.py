@@ -64,3 +64,236 @@ def extract_nemo(path: str | os.PathLike, dest: str | os.PathLike) -> Path:
                 while chunk := src.read(1 << 20):
                     out.write(chunk)
     return dest
+
+
+# -- reading NeMo archives -------------------------------------------------------------------
+
+CONFIG_FILE = "model_config.yaml"
+WEIGHTS_FILE = "model_weights.ckpt"
+ALIGNER_CONFIG_FILE = "timestamps_asr_model_config.yaml"
+ALIGNER_WEIGHTS_FILE = "timestamps_asr_model_weights.ckpt"
+
+# NeMo state-dict entries we compute ourselves (the Hann window, the mel filterbank, the
+# decoder's sinusoidal table) or that duplicate another tensor (the tied output weight).
+DERIVED_KEYS = (
+    "preprocessor.featurizer.window",
+    "preprocessor.featurizer.fb",
+    "transf_decoder._embedding.position_embedding.pos_enc",
+    "log_softmax.mlp.layer0.weight",
+)
+
+# NeMo decoder names -> ours (regex, replacement), applied in order.
+_DECODER_RENAMES = [
+    (r"^transf_decoder\._embedding\.token_embedding\.", "decoder.token_embedding."),
+    (r"^transf_decoder\._embedding\.layer_norm\.", "decoder.embedding_norm."),
+    (r"^transf_decoder\._decoder\.final_layer_norm\.", "decoder.final_norm."),
+    (r"^transf_decoder\._decoder\.layers\.(\d+)\.layer_norm_1\.", r"decoder.blocks.\1.self_attn_norm."),
+    (r"^transf_decoder\._decoder\.layers\.(\d+)\.layer_norm_2\.", r"decoder.blocks.\1.cross_attn_norm."),
+    (r"^transf_decoder\._decoder\.layers\.(\d+)\.layer_norm_3\.", r"decoder.blocks.\1.mlp_norm."),
+    (r"^transf_decoder\._decoder\.layers\.(\d+)\.first_sub_layer\.", r"decoder.blocks.\1.self_attn."),
+    (r"^transf_decoder\._decoder\.layers\.(\d+)\.second_sub_layer\.", r"decoder.blocks.\1.cross_attn."),
+    (r"^transf_decoder\._decoder\.layers\.(\d+)\.third_sub_layer\.dense_in\.", r"decoder.blocks.\1.mlp_in."),
+    (r"^transf_decoder\._decoder\.layers\.(\d+)\.third_sub_layer\.dense_out\.", r"decoder.blocks.\1.mlp_out."),
+    (r"\.query_net\.", ".query."),
+    (r"\.key_net\.", ".key."),
+    (r"\.value_net\.", ".value."),
+    (r"\.out_projection\.", ".out."),
+    (r"^log_softmax\.mlp\.layer0\.bias$", "decoder.head_bias"),
+]
+
+
+def read_weights(path: Path) -> dict:
+    """torch.load with weights_only=True: tensors and plain containers only, never pickled code."""
+    import pickle
+
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path.name}: refusing to load weights that carry pickled objects other than tensors "
+            f"(weights_only=True): {str(e).splitlines()[0]}"
+        ) from e
+    except Exception as e:  # truncated or not a torch file
+        raise CheckpointError(f"{path.name}: not a readable torch weights file: {e}") from e
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path.name}: expected a state dict, found {type(state).__name__}")
+    return state
+
+
+def nemo_to_serinus_state_dict(state: dict) -> dict:
+    """Rename a NeMo EncDecMultiTaskModel state dict to our module names; drop derived tensors."""
+    import re
+
+    tied, embedding = state.get("log_softmax.mlp.layer0.weight"), state.get(
+        "transf_decoder._embedding.token_embedding.weight"
+    )
+    if tied is not None and embedding is not None and not bool((tied == embedding).all()):
+        raise CheckpointError("the output head weight is not tied to the token embedding; this model is not supported")
+    out = {}
+    for key, value in state.items():
+        if key in DERIVED_KEYS:
+            continue
+        new = key
+        for pattern, repl in _DECODER_RENAMES:
+            new = re.sub(pattern, repl, new)
+        out[new] = value
+    return out
+
+
+def ctc_to_serinus_state_dict(state: dict) -> dict:
+    out = {}
+    for key, value in state.items():
+        if key.startswith("preprocessor.featurizer."):
+            continue
+        out[key.replace("decoder.decoder_layers.0.", "head.")] = value
+    return out
+
+
+def load_state(module, state: dict, where: str) -> None:
+    """load_state_dict(strict) with an error naming every missing or unexpected key."""
+    import torch
+
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {', '.join(missing[:10])}" + (" ..." if len(missing) > 10 else ""))
+        if unexpected:
+            parts.append(f"unexpected keys: {', '.join(unexpected[:10])}" + (" ..." if len(unexpected) > 10 else ""))
+        raise CheckpointError(f"{where}: weights do not match the model built from its config; " + "; ".join(parts))
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise CheckpointError(
+                f"{where}: weight {key} has shape {tuple(value.shape)}, the config implies {tuple(expected[key].shape)}"
+            )
+    with torch.no_grad():
+        module.load_state_dict(state, strict=True)
+
+
+def load_nemo(path: str | os.PathLike, device="cpu"):
+    """Load a NeMo `.nemo` Canary checkpoint (and its packed CTC aligner, if any)."""
+    import tempfile
+
+    import yaml
+
+    from serinus.model.canary import CanaryConfig, CanaryModel
+    from serinus.model.ctc import CTCConfig
+    from serinus.tokenizer import load_tokenizer, nemo_resolver
+
+    path = Path(path)
+    with tempfile.TemporaryDirectory(prefix="serinus-nemo-") as tmp:
+        root = extract_nemo(path, tmp)
+        if not (root / CONFIG_FILE).is_file() or not (root / WEIGHTS_FILE).is_file():
+            raise CheckpointError(f"{path}: not a NeMo model archive (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+        cfg = yaml.safe_load((root / CONFIG_FILE).read_text())
+        target = str(cfg.get("target", ""))
+        if target and not target.endswith("EncDecMultiTaskModel"):
+            raise CheckpointError(f"{path}: model class {target} is not a Canary (EncDecMultiTaskModel) model")
+        tokenizer = load_tokenizer(cfg["tokenizer"], nemo_resolver(root))
+        try:
+            config = CanaryConfig.from_nemo(cfg, tokenizer.vocab_size)
+        except (KeyError, ValueError) as e:
+            raise CheckpointError(f"{path}: unsupported model config: {e}") from e
+        has_aligner = (root / ALIGNER_CONFIG_FILE).is_file() and (root / ALIGNER_WEIGHTS_FILE).is_file()
+        if has_aligner and cfg.get("restore_timestamps_model", True):
+            config.aligner = CTCConfig.from_nemo(yaml.safe_load((root / ALIGNER_CONFIG_FILE).read_text()))
+        model = CanaryModel(config, tokenizer)
+        load_state(model, _with_aligner(model, root, nemo_to_serinus_state_dict(read_weights(root / WEIGHTS_FILE))), str(path))
+    return model.to(device).eval()
+
+
+def _with_aligner(model, root: Path, state: dict) -> dict:
+    if model.aligner is None:
+        return state
+    aligner_state = ctc_to_serinus_state_dict(read_weights(root / ALIGNER_WEIGHTS_FILE))
+    return {**state, **{f"aligner.{k}": v for k, v in aligner_state.items()}}
+
+
+# -- our own format ---------------------------------------------------------------------------
+
+OWN_CONFIG = "config.json"
+OWN_WEIGHTS = "model.safetensors"
+
+
+def save_model(model, out_dir: str | os.PathLike) -> Path:
+    """Write `config.json` (model config + tokenizer config) and `model.safetensors` to `out_dir`."""
+    import json
+
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer_cfg = model.tokenizer.save(out / "tokenizer")
+    config = {"format": "serinus", "version": 1, "model": model.cfg.to_dict(), "tokenizer": tokenizer_cfg}
+    (out / OWN_CONFIG).write_text(json.dumps(config, indent=2))
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out / OWN_WEIGHTS))
+    return out
+
+
+def load_own(path: str | os.PathLike, device="cpu"):
+    import json
+
+    from safetensors.torch import load_file
+
+    from serinus.model.canary import CanaryConfig, CanaryModel
+    from serinus.tokenizer import load_tokenizer
+
+    root = Path(path)
+    config = json.loads((root / OWN_CONFIG).read_text())
+    if config.get("format") != "serinus":
+        raise CheckpointError(f"{root / OWN_CONFIG}: not a Serinus model config")
+    tokenizer = load_tokenizer(config["tokenizer"], lambda p: root / "tokenizer" / p)
+    model = CanaryModel(CanaryConfig.from_dict(config["model"]), tokenizer)
+    load_state(model, load_file(str(root / OWN_WEIGHTS)), str(root))
+    return model.to(device).eval()
+
+
+# -- resolving what the user named ------------------------------------------------------------
+
+KNOWN_HUB_MODELS = ("nvidia/canary-1b-v2", "nvidia/canary-1b-flash", "nvidia/canary-180m-flash", "nvidia/canary-1b")
+
+
+def resolve_hub_id(repo_id: str) -> Path:
+    """Download (or find in the Hugging Face cache) the `.nemo` file of a Hub model repo.
+    Honours HF_HUB_OFFLINE / HF_HOME / HF_HUB_CACHE as huggingface_hub does."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        folder = Path(snapshot_download(repo_id, allow_patterns=["*.nemo"]))
+    except LocalEntryNotFoundError as e:
+        raise CheckpointError(
+            f"{repo_id}: not in the local Hugging Face cache and it cannot be downloaded now "
+            f"(offline or no network): {e}"
+        ) from e
+    except HfHubHTTPError as e:
+        raise CheckpointError(f"{repo_id}: could not fetch from the Hugging Face Hub: {e}") from e
+    found = sorted(folder.glob("*.nemo"))
+    if not found:
+        raise CheckpointError(f"{repo_id}: the Hub repository has no .nemo file")
+    return found[0]
+
+
+def load_model(path_or_id: str | os.PathLike, device="cpu"):
+    """A `.nemo` file, a Serinus folder (config.json + model.safetensors), or a Hub id."""
+    path = Path(path_or_id)
+    if path.is_dir():
+        if (path / OWN_CONFIG).is_file():
+            return load_own(path, device)
+        nemo_files = sorted(path.glob("*.nemo"))
+        if len(nemo_files) == 1:
+            return load_nemo(nemo_files[0], device)
+        raise CheckpointError(f"{path}: a folder with neither {OWN_CONFIG} nor exactly one .nemo file")
+    if path.is_file():
+        return load_nemo(path, device)
+    name = str(path_or_id)
+    if name.count("/") == 1 and not name.startswith((".", "/")) and not name.endswith(".nemo"):
+        return load_nemo(resolve_hub_id(name), device)
+    raise CheckpointError(f"{name}: no such checkpoint file or folder, and not a Hub id such as {KNOWN_HUB_MODELS[0]}")

@@ -1,0 +1,189 @@
+"""Autoregressive decoding of the Canary decoder: batched greedy and beam search, with a KV cache.
+
+Both follow NeMo's generators (`GreedySequenceGenerator`, `BeamSearchSequenceGenerator`):
+the prompt is fed once, then one token per step; after EOS only padding follows; beam
+scores use the length penalty ((5 + len) / 6) ** alpha where len counts the prompt too.
+Unlike NeMo, each item's length limit comes from its own encoder length, so an item's
+result never depends on which other items share its batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from serinus.model.decoder import TransformerDecoder, additive_mask
+
+
+@dataclass
+class DecodingConfig:
+    beam_size: int = 1  # 1 = greedy
+    length_penalty: float = 0.0
+    max_generation_delta: int = -1  # < 0: no limit but the decoder's max_sequence_length
+    return_nbest: bool = False
+
+    @classmethod
+    def from_nemo(cls, cfg: dict | None) -> "DecodingConfig":
+        """NeMo's `decoding:` section. `strategy: beam` with beam_size 1 is greedy. NeMo reads
+        `beam.length_penalty` and ignores `len_pen`, so `len_pen` does not count here either."""
+        cfg = cfg or {}
+        strategy = cfg.get("strategy", "beam")
+        if strategy == "beam":
+            beam = cfg.get("beam") or {}
+            return cls(
+                beam_size=int(beam.get("beam_size", 1)),
+                length_penalty=float(beam.get("length_penalty", 0.0) or 0.0),
+                max_generation_delta=int(beam.get("max_generation_delta", 50)),
+            )
+        greedy = cfg.get("greedy") or {}
+        return cls(beam_size=1, max_generation_delta=int(greedy.get("max_generation_delta", -1)))
+
+
+@dataclass
+class Hypothesis:
+    """One decoded item. `y_sequence`: token ids without prompt and EOS (as NeMo's)."""
+
+    text: str = ""
+    y_sequence: list[int] = field(default_factory=list)
+    score: float = 0.0
+    timestamp: dict = field(default_factory=dict)
+    nbest: list["Hypothesis"] = field(default_factory=list)
+    error: str | None = None  # set when this item could not be processed
+
+    def __repr__(self) -> str:
+        return f"Hypothesis(text={self.text!r}, score={self.score:.4f}, tokens={len(self.y_sequence)})"
+
+
+def max_new_tokens(encoder_lengths: Tensor, prompt_len: int, cfg: DecodingConfig, max_seq_len: int) -> list[int]:
+    """NeMo's limit: min(max_seq_len, enc_len + delta) when delta >= 0, else max_seq_len; minus the prompt."""
+    limits = []
+    for enc_len in encoder_lengths.tolist():
+        total = min(max_seq_len, enc_len + cfg.max_generation_delta) if cfg.max_generation_delta >= 0 else max_seq_len
+        limits.append(max(total - prompt_len, 0))
+    return limits
+
+
+def _select(state: list, index: Tensor) -> list:
+    """Keep rows `index` of every tensor in a nested list/dict structure of per-layer states."""
+    if isinstance(state, Tensor):
+        return state.index_select(0, index)
+    if isinstance(state, dict):
+        return {k: _select(v, index) for k, v in state.items()}
+    return type(state)(_select(s, index) for s in state)
+
+
+@torch.inference_mode()
+def greedy_decode(
+    decoder: TransformerDecoder,
+    encoder_states: Tensor,
+    encoder_mask: Tensor,
+    prompts: Tensor,
+    limits: list[int],
+    eos_id: int,
+) -> list[list[int]]:
+    """encoder_states [B, T, D], encoder_mask [B, T] bool, prompts [B, P] (same length) ->
+    generated ids per item (EOS excluded)."""
+    batch, prompt_len = prompts.shape
+    cross_kv = decoder.cross_kv(encoder_states)
+    cross_mask = additive_mask(encoder_mask[:, None, None, :], encoder_states.dtype)
+    caches = [{} for _ in decoder.blocks]
+    results: list[list[int]] = [[] for _ in range(batch)]
+    active = torch.arange(batch, device=prompts.device)  # original index of each row still decoding
+    limits_t = torch.tensor(limits, device=prompts.device)
+    tokens, start = prompts, 0
+    for step in range(max(limits, default=0)):
+        log_probs = decoder.step(tokens, start, cross_kv, cross_mask, caches)
+        next_tokens = log_probs.argmax(dim=-1)  # [b]
+        start += tokens.shape[1]
+        finished = next_tokens == eos_id
+        for row, (item, tok) in enumerate(zip(active.tolist(), next_tokens.tolist())):
+            if not finished[row]:
+                results[item].append(tok)
+        finished |= limits_t[active] <= step + 1
+        if finished.all():
+            break
+        if finished.any():  # drop finished rows from the batch and from every cache
+            keep = (~finished).nonzero().squeeze(1)
+            active, next_tokens = active[keep], next_tokens[keep]
+            cross_kv, cross_mask, caches = _select(cross_kv, keep), _select(cross_mask, keep), _select(caches, keep)
+        tokens = next_tokens[:, None]
+    return results
+
+
+@torch.inference_mode()
+def beam_search(
+    decoder: TransformerDecoder,
+    encoder_states: Tensor,
+    encoder_mask: Tensor,
+    prompts: Tensor,
+    limits: list[int],
+    eos_id: int,
+    pad_id: int,
+    beam_size: int,
+    length_penalty: float = 0.0,
+) -> list[list[tuple[list[int], float]]]:
+    """NeMo's beam search. Returns, per item, the beams as (ids without EOS/pad, score) sorted
+    best first; the score is the sum of token log-probs (NeMo's returned beam score)."""
+    batch, prompt_len = prompts.shape
+    device = prompts.device
+    k = beam_size
+
+    def penalty(lengths: Tensor) -> Tensor:
+        return ((5.0 + lengths) / 6.0).pow(length_penalty)
+
+    cross_kv = decoder.cross_kv(encoder_states)
+    cross_mask = additive_mask(encoder_mask[:, None, None, :], encoder_states.dtype)
+    caches = [{} for _ in decoder.blocks]
+    log_probs = decoder.step(prompts, 0, cross_kv, cross_mask, caches)  # [B, V]
+    scores, first = log_probs.topk(k, dim=-1)  # [B, k]
+    scores, generated = scores.reshape(-1, 1), first.reshape(-1, 1)  # [B*k, 1]
+    rows = torch.arange(batch, device=device).repeat_interleave(k)
+    cross_kv, cross_mask, caches = _select(cross_kv, rows), _select(cross_mask, rows), _select(caches, rows)
+    limits_t = torch.tensor(limits, device=device).repeat_interleave(k)[:, None]  # [B*k, 1]
+
+    def finished_mask(generated: Tensor) -> Tensor:
+        last = generated[:, -1:]
+        return ((last == eos_id) | (last == pad_id) | (limits_t <= generated.shape[1])).long()
+
+    pad_profile = finished_mask(generated)
+    prefix_len = torch.full_like(scores, prompt_len + 2.0)
+    for step in range(1, max(limits, default=1)):
+        if pad_profile.sum() == batch * k:
+            break
+        log_probs = decoder.step(generated[:, -1:], prompt_len + step - 1, cross_kv, cross_mask, caches)
+        scores_i, tokens_i = log_probs.topk(k, dim=-1)  # [B*k, k]
+        pad_mask = pad_profile.repeat(1, k)
+        tokens_i = pad_id * pad_mask + tokens_i * (1 - pad_mask)
+        # a finished beam continues with a single <pad> of score 0; its other candidates are dropped
+        pad_mask[:, 1:] = pad_mask[:, 1:] * -10000.0
+        scores = scores + scores_i * (1 - pad_mask).to(scores.dtype)
+        pen = penalty(prefix_len)
+        scores = scores / pen
+        scores, chosen = scores.view(batch, k * k).topk(k, dim=1)  # [B, k]
+        scores = scores.reshape(-1, 1) * pen
+        parent = (chosen // k + torch.arange(batch, device=device)[:, None] * k).reshape(-1)
+        generated = torch.cat([generated[parent], tokens_i.view(batch, k * k).gather(1, chosen).reshape(-1, 1)], 1)
+        caches = _select(caches, parent)
+        not_done = (generated != eos_id) & (generated != pad_id)
+        prefix_len = prompt_len + 1 + not_done.sum(dim=1, keepdim=True).to(scores.dtype)
+        pad_profile = finished_mask(generated)
+
+    final = (scores / penalty(prefix_len)).view(batch, k)
+    order = final.argsort(dim=1, descending=True, stable=True)
+    out = []
+    for b in range(batch):
+        beams = []
+        for j in order[b].tolist():
+            beams.append((_strip_after_eos(generated[b * k + j].tolist(), eos_id, pad_id), float(scores[b * k + j])))
+        out.append(beams)
+    return out
+
+
+def _strip_after_eos(ids: list[int], eos_id: int, pad_id: int) -> list[int]:
+    """Generated ids up to (not including) the first EOS or padding."""
+    for i, t in enumerate(ids):
+        if t in (eos_id, pad_id):
+            return ids[:i]
+    return ids

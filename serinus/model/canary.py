@@ -1,0 +1,143 @@
+"""The Canary model: log-mel front end, FastConformer encoder, Transformer decoder, tokenizer, prompt.
+
+    audio [B, N] -> LogMel -> [B, 128, T] -> ConformerEncoder -> [B, d_enc, T/8]
+      -> encoder_decoder_proj (when d_enc != d_dec) -> TransformerDecoder(prompt + text) -> log-probs
+
+`CanaryModel.from_pretrained` loads a NeMo `.nemo` archive, a folder saved by
+`save_pretrained`, or a Hugging Face Hub id; `transcribe` is the NeMo-style entry point.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from serinus.audio import FeatureConfig, LogMel
+from serinus.decoding import DecodingConfig
+from serinus.model.ctc import CTCConfig, CTCModel
+from serinus.model.decoder import DecoderConfig, TransformerDecoder
+from serinus.model.encoder import ConformerEncoder, EncoderConfig, time_mask
+
+
+@dataclass
+class CanaryConfig:
+    features: FeatureConfig
+    encoder: EncoderConfig
+    decoder: DecoderConfig
+    prompt_format: str = "canary2"
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
+    use_loss_mask_for_prompt: bool = False
+    label_smoothing: float = 0.0
+    aligner: CTCConfig | None = None  # the CTC model canary-1b-v2 packs for timestamps
+
+    @classmethod
+    def from_nemo(cls, cfg: dict, vocab_size: int) -> "CanaryConfig":
+        """Build from a NeMo `model_config.yaml` (as a dict) and the tokenizer's vocabulary size."""
+        transf_encoder = cfg.get("transf_encoder") or {}
+        if int(transf_encoder.get("num_layers", 0) or 0) > 0:
+            raise ValueError("transf_encoder.num_layers > 0 (an extra Transformer encoder) is not supported")
+        fmt = cfg.get("prompt_format", "canary")
+        return cls(
+            features=FeatureConfig.from_nemo(cfg["preprocessor"]),
+            encoder=EncoderConfig.from_nemo(cfg["encoder"]),
+            decoder=DecoderConfig.from_nemo(cfg["transf_decoder"]["config_dict"], padded_vocab(vocab_size)),
+            prompt_format=fmt,
+            decoding=DecodingConfig.from_nemo(cfg.get("decoding")),
+            use_loss_mask_for_prompt=bool(cfg.get("use_loss_mask_for_prompt", False)),
+            label_smoothing=float(cfg.get("label_smoothing", 0.0) or 0.0),
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CanaryConfig":
+        aligner = d.get("aligner")
+        if aligner is not None:
+            aligner = CTCConfig(
+                features=FeatureConfig(**aligner["features"]),
+                encoder=EncoderConfig(**aligner["encoder"]),
+                num_classes=aligner["num_classes"],
+            )
+        return cls(
+            features=FeatureConfig(**d["features"]),
+            encoder=EncoderConfig(**d["encoder"]),
+            decoder=DecoderConfig(**d["decoder"]),
+            prompt_format=d["prompt_format"],
+            decoding=DecodingConfig(**d["decoding"]),
+            use_loss_mask_for_prompt=d.get("use_loss_mask_for_prompt", False),
+            label_smoothing=d.get("label_smoothing", 0.0),
+            aligner=aligner,
+        )
+
+
+def padded_vocab(vocab_size: int) -> int:
+    """NeMo pads the decoder vocabulary to a multiple of 8."""
+    return 8 * math.ceil(vocab_size / 8)
+
+
+class CanaryModel(nn.Module):
+    def __init__(self, cfg: CanaryConfig, tokenizer=None):
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.preprocessor = LogMel(cfg.features)
+        self.encoder = ConformerEncoder(cfg.encoder)
+        d_enc, d_dec = cfg.encoder.d_model, cfg.decoder.hidden_size
+        self.encoder_decoder_proj = nn.Linear(d_enc, d_dec) if d_enc != d_dec else nn.Identity()
+        self.decoder = TransformerDecoder(cfg.decoder)
+        self.aligner = CTCModel(cfg.aligner) if cfg.aligner is not None else None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def frame_seconds(self) -> float:
+        """Duration of one encoder frame (window stride x subsampling), 0.08 s for Canary."""
+        return self.cfg.features.window_stride * self.cfg.encoder.subsampling_factor
+
+    def encode(self, audio: Tensor, audio_lengths: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """audio [B, N], lengths [B] -> decoder-side encoder states [B, T, H], valid mask [B, T],
+        encoder lengths [B]."""
+        features, feature_lengths = self.preprocessor(audio, audio_lengths)
+        encoded, lengths = self.encoder(features, feature_lengths)  # [B, D, T]
+        states = self.encoder_decoder_proj(encoded.transpose(1, 2))
+        return states, time_mask(lengths, states.shape[1]), lengths
+
+    def forward(self, audio: Tensor, audio_lengths: Tensor, tokens: Tensor, token_lengths: Tensor) -> Tensor:
+        """Teacher-forced log-probs [B, L, V] for decoder inputs `tokens` [B, L] (prompt + text)."""
+        states, mask, _ = self.encode(audio, audio_lengths)
+        return self.decoder(tokens, states, mask, time_mask(token_lengths, tokens.shape[1]))
+
+    # -- loading and saving -------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str, device: str | torch.device = "cpu", **kwargs) -> "CanaryModel":
+        """Load a `.nemo` file, a folder written by `save_pretrained`, or a Hub id such as
+        `nvidia/canary-1b-v2` (downloaded once into the Hugging Face cache)."""
+        from serinus.checkpoint import load_model
+
+        return load_model(path_or_id, device=device, **kwargs)
+
+    def save_pretrained(self, out_dir) -> None:
+        """Write our own format: config.json + model.safetensors + tokenizer files."""
+        from serinus.checkpoint import save_model
+
+        save_model(self, out_dir)
+
+    def save_tokenizers(self, out_dir) -> dict:
+        """Export the tokenizer files (SentencePiece models) to `out_dir`; returns their config."""
+        return self.tokenizer.save(out_dir)
+
+    # -- inference ----------------------------------------------------------------------------
+
+    def transcribe(self, audio, batch_size: int = 4, **kwargs):
+        """Transcribe or translate audio: file paths, 1-D float arrays (16 kHz) or a JSONL manifest.
+        See `serinus.transcribe.transcribe` for the options."""
+        from serinus.transcribe import transcribe
+
+        return transcribe(self, audio, batch_size=batch_size, **kwargs)

@@ -1,0 +1,187 @@
+"""Transformer decoder of Canary (NeMo's pre-LN `TransformerDecoderNM`) and its output head.
+
+tokens [B, L] -> token embedding + fixed sinusoidal positions (divided by sqrt(hidden), as
+NeMo does) -> LayerNorm -> N x (self-attn, cross-attn, FFN; pre-LN) -> final LayerNorm
+-> Linear tied to the token embedding -> log-probs [B, L, V].
+
+Incremental decoding keeps a per-layer cache of self-attention keys/values and computes
+the cross-attention keys/values once per utterance.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+NEG_INF = -10000.0  # NeMo's additive mask value
+
+
+@dataclass
+class DecoderConfig:
+    vocab_size: int = 16384  # padded to a multiple of 8
+    hidden_size: int = 1024
+    inner_size: int = 4096
+    num_layers: int = 4
+    num_attention_heads: int = 8
+    max_sequence_length: int = 1024
+    hidden_act: str = "relu"
+    dropout: float = 0.1  # embedding, attention-score, layer and FFN dropout (NeMo's 0.1 each)
+
+    @classmethod
+    def from_nemo(cls, cfg: dict, vocab_size: int) -> "DecoderConfig":
+        """Read NeMo's `transf_decoder.config_dict` section."""
+        if not cfg.get("pre_ln", True):
+            raise ValueError("transf_decoder.config_dict.pre_ln=false (post-LN decoder) is not supported")
+        if cfg.get("learn_positional_encodings"):
+            raise ValueError("transf_decoder learn_positional_encodings=true is not supported")
+        act = cfg.get("hidden_act", "relu")
+        if act not in ("relu", "gelu"):
+            raise ValueError(f"transf_decoder hidden_act={act!r} is not supported (relu, gelu)")
+        return cls(
+            vocab_size=vocab_size,
+            hidden_size=cfg["hidden_size"],
+            inner_size=cfg["inner_size"],
+            num_layers=cfg["num_layers"],
+            num_attention_heads=cfg["num_attention_heads"],
+            max_sequence_length=cfg.get("max_sequence_length", 512),
+            hidden_act=act,
+            dropout=cfg.get("ffn_dropout", 0.1),
+        )
+
+
+def sinusoidal_positions(max_len: int, hidden: int) -> Tensor:
+    """NeMo's FixedPositionalEncoding table [max_len, hidden], already divided by sqrt(hidden)."""
+    position = torch.arange(0.0, max_len).unsqueeze(1)
+    coef = -math.log(10000.0) / hidden
+    div_term = torch.exp(coef * torch.arange(0.0, hidden, 2))
+    pe = torch.zeros(max_len, hidden)
+    pe[:, 0::2] = torch.sin(position * div_term)
+    pe[:, 1::2] = torch.cos(position * div_term)
+    return pe / math.sqrt(hidden)
+
+
+class Attention(nn.Module):
+    def __init__(self, hidden: int, n_heads: int, dropout: float):
+        super().__init__()
+        self.n_heads, self.d_head = n_heads, hidden // n_heads
+        self.query = nn.Linear(hidden, hidden)
+        self.key = nn.Linear(hidden, hidden)
+        self.value = nn.Linear(hidden, hidden)
+        self.out = nn.Linear(hidden, hidden)
+        self.dropout = dropout
+
+    def split_heads(self, x: Tensor) -> Tensor:  # [B, L, D] -> [B, H, L, d]
+        return x.view(x.shape[0], x.shape[1], self.n_heads, self.d_head).transpose(1, 2)
+
+    def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.split_heads(self.key(x)), self.split_heads(self.value(x))
+
+    def forward(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        # x: [B, Lq, D]; k, v: [B, H, Lk, d]; mask: additive, broadcastable to [B, H, Lq, Lk]
+        q = self.split_heads(self.query(x))
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.out(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        h = cfg.hidden_size
+        self.self_attn_norm = nn.LayerNorm(h)
+        self.self_attn = Attention(h, cfg.num_attention_heads, cfg.dropout)
+        self.cross_attn_norm = nn.LayerNorm(h)
+        self.cross_attn = Attention(h, cfg.num_attention_heads, cfg.dropout)
+        self.mlp_norm = nn.LayerNorm(h)
+        self.mlp_in = nn.Linear(h, cfg.inner_size)
+        self.mlp_out = nn.Linear(cfg.inner_size, h)
+        self.act = F.relu if cfg.hidden_act == "relu" else F.gelu
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, self_mask, cross_kv, cross_mask, cache: dict | None = None) -> Tensor:
+        y = self.self_attn_norm(x)
+        k, v = self.self_attn.project_kv(y)
+        if cache is not None:  # append this step's keys/values to the ones of earlier positions
+            if "k" in cache:
+                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+            cache["k"], cache["v"] = k, v
+        x = x + self.dropout(self.self_attn(y, k, v, self_mask))
+        x = x + self.dropout(self.cross_attn(self.cross_attn_norm(x), *cross_kv, cross_mask))
+        x = x + self.dropout(self.mlp_out(self.act(self.mlp_in(self.mlp_norm(x)))))
+        return x
+
+
+class TransformerDecoder(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.register_buffer(
+            "positions", sinusoidal_positions(cfg.max_sequence_length, cfg.hidden_size), persistent=False
+        )
+        self.embedding_norm = nn.LayerNorm(cfg.hidden_size)
+        self.blocks = nn.ModuleList([DecoderBlock(cfg) for _ in range(cfg.num_layers)])
+        self.final_norm = nn.LayerNorm(cfg.hidden_size)
+        # output head: weight tied to the token embedding, bias of its own
+        self.head_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def embed(self, tokens: Tensor, start: int = 0) -> Tensor:
+        length = tokens.shape[1]
+        if start + length > self.cfg.max_sequence_length:
+            raise ValueError(
+                f"decoder input of {start + length} tokens exceeds max_sequence_length "
+                f"{self.cfg.max_sequence_length}"
+            )
+        x = self.token_embedding(tokens) + self.positions[start : start + length]
+        return self.dropout(self.embedding_norm(x))
+
+    def cross_kv(self, encoder_states: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Per-layer cross-attention keys/values of the encoder states [B, T, D]; computed once."""
+        return [block.cross_attn.project_kv(encoder_states) for block in self.blocks]
+
+    def logits(self, x: Tensor) -> Tensor:
+        return F.linear(self.final_norm(x), self.token_embedding.weight, self.head_bias)
+
+    def forward(
+        self,
+        tokens: Tensor,
+        encoder_states: Tensor,
+        encoder_mask: Tensor,
+        token_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Teacher-forced pass. tokens [B, L], encoder_states [B, T, D], encoder_mask [B, T] bool
+        (True = valid), token_mask [B, L] bool -> log-probs [B, L, V]."""
+        length = tokens.shape[1]
+        allowed = torch.ones(length, length, dtype=torch.bool, device=tokens.device).tril()[None, None]
+        if token_mask is not None:
+            allowed = allowed & token_mask[:, None, None, :]
+        self_mask = additive_mask(allowed, encoder_states.dtype)
+        cross_mask = additive_mask(encoder_mask[:, None, None, :], encoder_states.dtype)
+        x = self.embed(tokens)
+        for block, kv in zip(self.blocks, self.cross_kv(encoder_states)):
+            x = block(x, self_mask, kv, cross_mask)
+        return F.log_softmax(self.logits(x).float(), dim=-1)
+
+    def step(self, tokens: Tensor, start: int, cross_kv, cross_mask: Tensor, caches: list[dict]) -> Tensor:
+        """Incremental pass over new tokens [B, l] at positions start..start+l-1, using and
+        extending `caches` (one dict per layer). Returns log-probs of the last position [B, V]."""
+        length = tokens.shape[1]
+        self_mask = None
+        if length > 1:  # the prompt: causal within itself (the cache is empty then)
+            causal = torch.ones(length, length, dtype=torch.bool, device=tokens.device).tril()[None, None]
+            self_mask = additive_mask(causal, cross_mask.dtype)
+        x = self.embed(tokens, start)
+        for block, kv, cache in zip(self.blocks, cross_kv, caches):
+            x = block(x, self_mask, kv, cross_mask, cache)
+        return F.log_softmax(self.logits(x[:, -1]).float(), dim=-1)
+
+
+def additive_mask(allowed: Tensor, dtype: torch.dtype) -> Tensor:
+    """bool mask (True = may attend) -> additive mask with NeMo's -10000 for masked positions."""
+    return (~allowed).to(dtype) * NEG_INF

@@ -1,0 +1,269 @@
+"""FastConformer encoder, as NeMo's `ConformerEncoder` with `dw_striding` subsampling.
+
+log-mel [B, n_mels, T] -> 8x conv subsampling -> N x Conformer block (macaron FFN,
+relative-position self-attention, depthwise conv module) -> [B, d_model, T/8].
+
+Module and parameter names follow NeMo's so a NeMo state dict loads without renaming.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class EncoderConfig:
+    feat_in: int = 128
+    n_layers: int = 17
+    d_model: int = 512
+    n_heads: int = 8
+    ff_expansion_factor: int = 4
+    subsampling: str = "dw_striding"
+    subsampling_factor: int = 8
+    subsampling_conv_channels: int = 256
+    conv_kernel_size: int = 9
+    conv_norm_type: str = "batch_norm"
+    self_attention_model: str = "rel_pos"
+    xscaling: bool = False
+    untie_biases: bool = True
+    use_bias: bool = True
+    pos_emb_max_len: int = 5000
+    dropout: float = 0.1
+    dropout_pre_encoder: float = 0.1
+    dropout_emb: float = 0.0
+    dropout_att: float = 0.1
+
+    @classmethod
+    def from_nemo(cls, cfg: dict) -> "EncoderConfig":
+        """Read NeMo's `encoder:` section, refusing settings this implementation does not cover."""
+        supported = {
+            "subsampling": ("dw_striding", "striding"),
+            "self_attention_model": ("rel_pos",),
+            "conv_norm_type": ("batch_norm", "layer_norm"),
+        }
+        for key, allowed in supported.items():
+            if key in cfg and cfg[key] not in allowed:
+                raise ValueError(f"encoder.{key}={cfg[key]!r} is not supported (supported: {', '.join(allowed)})")
+        if cfg.get("causal_downsampling"):
+            raise ValueError("encoder.causal_downsampling=true (streaming models) is not supported")
+        context = cfg.get("att_context_size") or [-1, -1]
+        if list(context) != [-1, -1]:
+            raise ValueError(f"encoder.att_context_size={list(context)} is not supported (only full context [-1, -1])")
+        if cfg.get("reduction"):
+            raise ValueError(f"encoder.reduction={cfg['reduction']!r} is not supported")
+        feat_out = cfg.get("feat_out", -1)
+        if feat_out not in (-1, None, cfg.get("d_model")):
+            raise ValueError(f"encoder.feat_out={feat_out} (an output projection) is not supported")
+        conv_channels = cfg.get("subsampling_conv_channels", -1)
+        fields = {f for f in cls.__dataclass_fields__}
+        kwargs = {k: v for k, v in cfg.items() if k in fields and v is not None}
+        if conv_channels in (-1, None):
+            kwargs["subsampling_conv_channels"] = cfg["d_model"]
+        return cls(**kwargs)
+
+
+def calc_subsampled_length(lengths: Tensor, num_stages: int) -> Tensor:
+    """Length after `num_stages` convs with kernel 3, stride 2, padding 1: L -> floor((L-1)/2) + 1."""
+    for _ in range(num_stages):
+        lengths = torch.div(lengths - 1, 2, rounding_mode="floor") + 1
+    return lengths
+
+
+def time_mask(lengths: Tensor, max_len: int) -> Tensor:
+    """[B] lengths -> [B, max_len] bool, True at valid positions."""
+    return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
+
+
+class ConvSubsampling(nn.Module):
+    """Stride-2 conv stages that shrink time and frequency by `factor`, then a Linear to d_model.
+
+    `dw_striding`: one full 3x3 conv, then (depthwise 3x3 + pointwise 1x1) stages.
+    `striding`: full 3x3 convs only. Padded time steps are zeroed before every layer
+    (NeMo's MaskedConvSequential), so an item's output does not depend on its batch.
+    """
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.num_stages = int(math.log2(cfg.subsampling_factor))
+        channels = cfg.subsampling_conv_channels
+        layers: list[nn.Module] = [nn.Conv2d(1, channels, 3, stride=2, padding=1), nn.ReLU()]
+        for _ in range(self.num_stages - 1):
+            if cfg.subsampling == "dw_striding":
+                layers += [
+                    nn.Conv2d(channels, channels, 3, stride=2, padding=1, groups=channels),
+                    nn.Conv2d(channels, channels, 1),
+                    nn.ReLU(),
+                ]
+            else:
+                layers += [nn.Conv2d(channels, channels, 3, stride=2, padding=1), nn.ReLU()]
+        self.conv = nn.Sequential(*layers)
+        freq = cfg.feat_in
+        for _ in range(self.num_stages):
+            freq = (freq - 1) // 2 + 1
+        self.out = nn.Linear(channels * freq, cfg.d_model)
+
+    def forward(self, x: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        # x: [B, T, F] -> [B, 1, T, F]
+        x = x.unsqueeze(1)
+        for layer in self.conv:
+            x = x * time_mask(lengths, x.shape[2])[:, None, :, None].to(x.dtype)
+            x = layer(x)
+            if isinstance(layer, nn.Conv2d) and layer.stride[0] > 1:
+                lengths = calc_subsampled_length(lengths, 1)
+        x = x * time_mask(lengths, x.shape[2])[:, None, :, None].to(x.dtype)
+        b, c, t, f = x.shape
+        x = self.out(x.transpose(1, 2).reshape(b, t, c * f))  # [B, T', d_model]
+        return x, lengths
+
+
+def relative_positions(length: int, d_model: int, device, dtype) -> Tensor:
+    """Sinusoidal embeddings of relative positions L-1 ... -(L-1): [1, 2L-1, d_model]."""
+    positions = torch.arange(length - 1, -length, -1, device=device, dtype=torch.float32).unsqueeze(1)
+    div_term = torch.exp(
+        torch.arange(0, d_model, 2, device=device, dtype=torch.float32) * -(math.log(10000.0) / d_model)
+    )
+    pe = torch.zeros(positions.shape[0], d_model, device=device)
+    pe[:, 0::2] = torch.sin(positions * div_term)
+    pe[:, 1::2] = torch.cos(positions * div_term)
+    return pe.unsqueeze(0).to(dtype)
+
+
+def rel_shift(x: Tensor) -> Tensor:
+    """Turn scores against relative positions [B, H, T, 2T-1] into per-key scores (Transformer-XL)."""
+    b, h, t, p = x.shape
+    x = F.pad(x, (1, 0)).view(b, h, p + 1, t)
+    return x[:, :, 1:].reshape(b, h, t, p)
+
+
+class RelPositionMultiHeadAttention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, use_bias: bool, untie_biases: bool, dropout: float):
+        super().__init__()
+        self.n_heads, self.d_head = n_heads, d_model // n_heads
+        self.linear_q = nn.Linear(d_model, d_model, bias=use_bias)
+        self.linear_k = nn.Linear(d_model, d_model, bias=use_bias)
+        self.linear_v = nn.Linear(d_model, d_model, bias=use_bias)
+        self.linear_out = nn.Linear(d_model, d_model, bias=use_bias)
+        self.linear_pos = nn.Linear(d_model, d_model, bias=False)
+        if untie_biases:  # otherwise the encoder owns one pair shared by all layers
+            self.pos_bias_u = nn.Parameter(torch.zeros(n_heads, self.d_head))
+            self.pos_bias_v = nn.Parameter(torch.zeros(n_heads, self.d_head))
+        self.dropout = dropout
+
+    def forward(self, x: Tensor, pos_emb: Tensor, mask: Tensor, pos_bias_u=None, pos_bias_v=None) -> Tensor:
+        # x: [B, T, D]; pos_emb: [1, 2T-1, D]; mask: [B, 1, T, T] bool, True = may attend
+        b, t, _ = x.shape
+        h, d = self.n_heads, self.d_head
+        u = self.pos_bias_u if pos_bias_u is None else pos_bias_u
+        v = self.pos_bias_v if pos_bias_v is None else pos_bias_v
+        q = self.linear_q(x).view(b, t, h, d)
+        k = self.linear_k(x).view(b, t, h, d).transpose(1, 2)
+        val = self.linear_v(x).view(b, t, h, d).transpose(1, 2)
+        p = self.linear_pos(pos_emb).view(1, -1, h, d).transpose(1, 2)  # [1, H, 2T-1, d]
+        q_u = (q + u).transpose(1, 2)  # [B, H, T, d]
+        q_v = (q + v).transpose(1, 2)
+        scale = 1.0 / math.sqrt(d)
+        # position term, added to the content term inside SDPA as an additive bias
+        bias = rel_shift(torch.matmul(q_v, p.transpose(-2, -1)))[..., :t] * scale
+        bias = bias.masked_fill(~mask, -10000.0)  # NeMo's additive mask value
+        out = F.scaled_dot_product_attention(
+            q_u, k, val, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0, scale=scale
+        )
+        # rows of padded queries attend to nothing in NeMo: zero them
+        out = out.masked_fill(~mask.any(-1, keepdim=True), 0.0)
+        return self.linear_out(out.transpose(1, 2).reshape(b, t, h * d))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, d_model: int, d_ff: int, use_bias: bool, dropout: float):
+        super().__init__()
+        self.linear1 = nn.Linear(d_model, d_ff, bias=use_bias)
+        self.linear2 = nn.Linear(d_ff, d_model, bias=use_bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear2(self.dropout(F.silu(self.linear1(x))))
+
+
+class ConvModule(nn.Module):
+    """Pointwise conv + GLU, depthwise conv, norm, Swish, pointwise conv."""
+
+    def __init__(self, d_model: int, kernel_size: int, norm_type: str, use_bias: bool):
+        super().__init__()
+        self.pointwise_conv1 = nn.Conv1d(d_model, 2 * d_model, 1, bias=use_bias)
+        self.depthwise_conv = nn.Conv1d(
+            d_model, d_model, kernel_size, padding=(kernel_size - 1) // 2, groups=d_model, bias=use_bias
+        )
+        if norm_type == "batch_norm":
+            self.batch_norm = nn.BatchNorm1d(d_model)
+        else:
+            self.batch_norm = nn.LayerNorm(d_model)  # NeMo keeps the attribute name for either norm
+        self.pointwise_conv2 = nn.Conv1d(d_model, d_model, 1, bias=use_bias)
+
+    def forward(self, x: Tensor, valid: Tensor) -> Tensor:
+        # x: [B, T, D]; valid: [B, T] bool
+        x = F.glu(self.pointwise_conv1(x.transpose(1, 2)), dim=1)  # [B, D, T]
+        x = x.masked_fill(~valid[:, None, :], 0.0)  # padding must not leak into the depthwise conv
+        x = self.depthwise_conv(x)
+        if isinstance(self.batch_norm, nn.LayerNorm):
+            x = self.batch_norm(x.transpose(1, 2)).transpose(1, 2)
+        else:
+            x = self.batch_norm(x)
+        x = self.pointwise_conv2(F.silu(x))
+        return x.transpose(1, 2)
+
+
+class ConformerLayer(nn.Module):
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        d, ff = cfg.d_model, cfg.d_model * cfg.ff_expansion_factor
+        self.norm_feed_forward1 = nn.LayerNorm(d)
+        self.feed_forward1 = FeedForward(d, ff, cfg.use_bias, cfg.dropout)
+        self.norm_conv = nn.LayerNorm(d)
+        self.conv = ConvModule(d, cfg.conv_kernel_size, cfg.conv_norm_type, cfg.use_bias)
+        self.norm_self_att = nn.LayerNorm(d)
+        self.self_attn = RelPositionMultiHeadAttention(d, cfg.n_heads, cfg.use_bias, cfg.untie_biases, cfg.dropout_att)
+        self.norm_feed_forward2 = nn.LayerNorm(d)
+        self.feed_forward2 = FeedForward(d, ff, cfg.use_bias, cfg.dropout)
+        self.norm_out = nn.LayerNorm(d)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, pos_emb, att_mask, valid, pos_bias_u=None, pos_bias_v=None) -> Tensor:
+        x = x + 0.5 * self.dropout(self.feed_forward1(self.norm_feed_forward1(x)))
+        x = x + self.dropout(self.self_attn(self.norm_self_att(x), pos_emb, att_mask, pos_bias_u, pos_bias_v))
+        x = x + self.dropout(self.conv(self.norm_conv(x), valid))
+        x = x + 0.5 * self.dropout(self.feed_forward2(self.norm_feed_forward2(x)))
+        return self.norm_out(x)
+
+
+class ConformerEncoder(nn.Module):
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.pre_encode = ConvSubsampling(cfg)
+        self.layers = nn.ModuleList([ConformerLayer(cfg) for _ in range(cfg.n_layers)])
+        if not cfg.untie_biases:
+            d_head = cfg.d_model // cfg.n_heads
+            self.pos_bias_u = nn.Parameter(torch.zeros(cfg.n_heads, d_head))
+            self.pos_bias_v = nn.Parameter(torch.zeros(cfg.n_heads, d_head))
+        self.dropout_pre_encoder = nn.Dropout(cfg.dropout_pre_encoder)
+        self.dropout_emb = nn.Dropout(cfg.dropout_emb)
+
+    def forward(self, features: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """features [B, n_mels, T], lengths [B] -> encoded [B, d_model, T'], lengths [B]."""
+        x, lengths = self.pre_encode(features.transpose(1, 2), lengths.long())
+        t = x.shape[1]
+        if self.cfg.xscaling:
+            x = x * math.sqrt(self.cfg.d_model)
+        x = self.dropout_pre_encoder(x)
+        pos_emb = self.dropout_emb(relative_positions(t, self.cfg.d_model, x.device, x.dtype))
+        valid = time_mask(lengths, t)  # [B, T']
+        att_mask = (valid[:, :, None] & valid[:, None, :]).unsqueeze(1)  # [B, 1, T', T']
+        shared = (None, None) if self.cfg.untie_biases else (self.pos_bias_u, self.pos_bias_v)
+        for layer in self.layers:
+            x = layer(x, pos_emb, att_mask, valid, *shared)
+        return x.transpose(1, 2), lengths
