@@ -195,7 +195,11 @@ def load_nemo(path: str | os.PathLike, device="cpu"):
         target = str(cfg.get("target", ""))
         if target and not target.endswith("EncDecMultiTaskModel"):
             raise CheckpointError(f"{path}: model class {target} is not a Canary (EncDecMultiTaskModel) model")
-        tokenizer = load_tokenizer(cfg["tokenizer"], nemo_resolver(root))
+        weights = read_weights(root / WEIGHTS_FILE)
+        try:
+            tokenizer = load_tokenizer(cfg["tokenizer"], nemo_resolver(root))
+        except (KeyError, ValueError, OSError) as e:
+            raise CheckpointError(f"{path}: cannot load the tokenizer: {e}") from e
         try:
             config = CanaryConfig.from_nemo(cfg, tokenizer.vocab_size)
         except (KeyError, ValueError) as e:
@@ -204,7 +208,7 @@ def load_nemo(path: str | os.PathLike, device="cpu"):
         if has_aligner and cfg.get("restore_timestamps_model", True):
             config.aligner = CTCConfig.from_nemo(yaml.safe_load((root / ALIGNER_CONFIG_FILE).read_text()))
         model = CanaryModel(config, tokenizer)
-        load_state(model, _with_aligner(model, root, nemo_to_serinus_state_dict(read_weights(root / WEIGHTS_FILE))), str(path))
+        load_state(model, _with_aligner(model, root, nemo_to_serinus_state_dict(weights)), str(path))
     return model.to(device).eval()
 
 

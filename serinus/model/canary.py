@@ -141,3 +141,28 @@ class CanaryModel(nn.Module):
         from serinus.transcribe import transcribe
 
         return transcribe(self, audio, batch_size=batch_size, **kwargs)
+
+
+def sequence_loss(
+    log_probs: Tensor,
+    labels: Tensor,
+    pad_id: int,
+    prompt_lens: Tensor | None = None,
+    lengths: Tensor | None = None,
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """Mean NLL of `labels` [B, L] under `log_probs` [B, L, V], as NeMo's SmoothedCrossEntropyLoss.
+
+    Positions whose label is `pad_id` never count. With `prompt_lens` (use_loss_mask_for_prompt)
+    only the answer and its EOS count: label positions prompt_len-1 .. lengths-1.
+    """
+    mask = labels != pad_id
+    if prompt_lens is not None:
+        positions = torch.arange(labels.shape[1], device=labels.device)[None, :]
+        mask = mask & (positions >= prompt_lens[:, None] - 1)
+        if lengths is not None:
+            mask = mask & (positions < lengths[:, None])
+    target = log_probs.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    if label_smoothing:
+        target = (1.0 - label_smoothing) * target + label_smoothing * log_probs.mean(dim=-1)
+    return -(target * mask).sum() / mask.sum().clamp(min=1)

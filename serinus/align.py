@@ -1,0 +1,453 @@
+"""CTC forced alignment and the timestamps it gives (canary-1b-v2 style).
+
+canary-1b-v2 does not predict timestamps with its AED decoder. NeMo 3.0.0 instead force-aligns the decoded
+text against the log-probs of a small auxiliary CTC model (`timestamps_asr_model` inside the .nemo) with a
+Viterbi pass, then reads segment / word / token times off the best path
+(`get_forced_aligned_timestamps_with_external_model`). This module reproduces that pipeline exactly:
+
+    text --build_utterance--> y = [blank, t1, blank, t2, ..., blank]   (plus the segment/word/token tree)
+    log_probs, y --viterbi_align--> path: the state index (into y) of every frame
+    path --utterance_times--> t_start/t_end of every segment, word and token (seconds, -1 = never visited)
+    tree --timestamp_dicts--> NeMo's {'segment': [...], 'word': [...], 'char': [...]} dicts
+
+The tokenizer is duck-typed: anything with `text_to_ids`, `text_to_tokens`, `ids_to_tokens`, `ids_to_text`
+(NeMo's / our tokenizer classes), or a bare `sentencepiece.SentencePieceProcessor`. It must be the CTC model's
+own tokenizer (a plain SentencePiece model whose vocab size is the blank id).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+PAD_LOGPROB = -3.4e38  # NeMo's padding value (about the float32 minimum); two of them add up to -inf
+SEGMENT_SEPARATORS = (".", "?", "!", "...")  # a single char is tested, so "..." acts like "."
+PUNCTUATION = frozenset({",", ".", "!", "?"})  # pieces pinned to the end of the previous token
+TIMESTAMP_TYPES = ("segment", "word", "char", "all")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Viterbi
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def viterbi_align(
+    log_probs: torch.Tensor,
+    T_lens: Sequence[int] | torch.Tensor,
+    y: torch.Tensor | Sequence[Sequence[int]],
+    U_lens: Sequence[int] | torch.Tensor,
+    time_block: int = 256,
+) -> list[list[int]]:
+    """Best CTC path of every utterance: a list (one per batch item) of T_lens[b] state indices into y[b].
+
+    log_probs: [B, T, V] log-probs (only frames t < T_lens[b] are read)
+    y:         [B, U] blank-interleaved target ids (only u < U_lens[b] are read)
+
+    Same recursion, float32 arithmetic and tie-breaking as NeMo's `viterbi_decoding`: a state may stay,
+    come from u-1, or from u-2 unless y[u] == y[u-2] (no skipping a token between two blanks, and no
+    skipping the blank between repeated tokens); the first maximum of [stay, u-1, u-2] wins. Like NeMo the
+    loop runs to the batch's T_max: past its own length an utterance gets emission 0 in its final blank and
+    -3.4e38 elsewhere, so a shorter utterance ends on its final blank when it ties with its last token,
+    while a full-length one prefers the last token. The loop is over time only; states are vectorised.
+    """
+    log_probs = torch.as_tensor(log_probs)
+    device = log_probs.device
+    B, T_max, _ = log_probs.shape
+    T_lens = torch.as_tensor(T_lens, dtype=torch.long).cpu()
+    U_lens = torch.as_tensor(U_lens, dtype=torch.long).cpu()
+    y = torch.as_tensor(y, dtype=torch.long)
+    U_max = y.shape[1]
+    if T_max == 0:
+        return [[] for _ in range(B)]
+
+    u_idx = torch.arange(U_max)
+    in_target = u_idx[None, :] < U_lens[:, None]  # [B, U]
+    y_safe = torch.where(in_target, y.cpu(), 0).to(device)
+    # letter-repetition rule: y[u] == y[u-2] forbids the u-2 jump (the padded tail is never on a path)
+    skip_banned = torch.zeros(B, U_max, dtype=torch.bool)
+    skip_banned[:, 2:] = y.cpu()[:, 2:] == y.cpu()[:, :-2]
+    skip_banned = skip_banned.to(device)
+    # past T_b NeMo zeroes the emissions of states U_b-1 and U_b (the latter is padding)
+    final_states = ((u_idx[None, :] == U_lens[:, None] - 1) | (u_idx[None, :] == U_lens[:, None])).to(device)
+    in_target = in_target.to(device)
+    t_lens_dev = T_lens.to(device)
+
+    neg = torch.tensor(PAD_LOGPROB, dtype=torch.float32, device=device)
+    zero = torch.zeros((), dtype=torch.float32, device=device)
+    index = y_safe[:, None, :]
+
+    def emissions(t0: int, t1: int) -> torch.Tensor:
+        """[B, t1-t0, U] float32 emission log-probs, with NeMo's padding and end-of-utterance masking."""
+        lp = log_probs[:, t0:t1].to(torch.float32)
+        e = torch.gather(lp, 2, index.expand(B, t1 - t0, U_max))
+        e = torch.where(in_target[:, None, :], e, neg)
+        past_end = torch.arange(t0, t1, device=device)[None, :] >= t_lens_dev[:, None]  # [B, t]
+        return torch.where(past_end[:, :, None], torch.where(final_states[:, None, :], zero, neg), e)
+
+    # v holds two leading padding states so that u-1 and u-2 are plain slices
+    v = torch.full((B, U_max + 2), PAD_LOGPROB, dtype=torch.float32, device=device)
+    backpointers = torch.zeros((T_max, B, U_max), dtype=torch.int8, device=device)
+    # per-frame buffers, reused: the loop body is a few tiny elementwise ops, so allocation would dominate
+    stay, one, two, best = (torch.empty((B, U_max), dtype=torch.float32, device=device) for _ in range(4))
+    one_wins = torch.zeros((time_block, B, U_max), dtype=torch.bool, device=device)
+    two_wins = torch.zeros((time_block, B, U_max), dtype=torch.bool, device=device)
+    for t0 in range(0, T_max, time_block):
+        t1 = min(T_max, t0 + time_block)
+        e_block = emissions(t0, t1)
+        if t0 == 0:
+            v[:, 2:4] = e_block[:, 0, :2]  # frame 0: only the leading blank and the first token
+            one_wins[0] = two_wins[0] = False
+        for t in range(max(t0, 1), t1):
+            e, k = e_block[:, t - t0], t - t0
+            # add the emission *before* comparing, as NeMo does: rounding can turn a tiny difference into a
+            # tie, and a tie must go to the first candidate (stay, then u-1, then u-2)
+            torch.add(v[:, 2:], e, out=stay)
+            torch.add(v[:, 1:-1], e, out=one)
+            torch.where(skip_banned, neg, v[:, :-2], out=two)
+            two.add_(e)
+            torch.gt(one, stay, out=one_wins[k])
+            torch.maximum(stay, one, out=best)
+            torch.gt(two, best, out=two_wins[k])
+            torch.maximum(best, two, out=v[:, 2:])
+        n = t1 - t0
+        backpointers[t0:t1] = torch.where(two_wins[:n], 2, one_wins[:n].to(torch.int8))
+
+    final = v[:, 2:].cpu()
+    backpointers = backpointers.cpu().numpy()
+    paths = []
+    for b in range(B):
+        U_b, T_b = int(U_lens[b]), int(T_lens[b])
+        if U_b == 1:  # empty text (or too many tokens): the blank-only target
+            u = 0
+        else:  # last token or final blank; the first (the token) wins a tie
+            u = U_b - 2 + int(torch.argmax(final[b, U_b - 2 : U_b]))
+        path = np.empty(T_max, dtype=np.int64)
+        path[T_max - 1] = u
+        for t in range(T_max - 1, 0, -1):
+            u -= int(backpointers[t, b, u])
+            path[t - 1] = u
+        paths.append(path[:T_b].tolist())
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Text -> target ids and the segment / word / token tree
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Token:
+    text: str  # the SentencePiece piece, e.g. "▁The"
+    token_id: int
+    s: int  # state index of this token in y
+    t_start: float = -1
+    t_end: float = -1
+
+
+@dataclass
+class Word:
+    text: str
+    s_start: int
+    s_end: int
+    tokens: list[Token] = field(default_factory=list)  # non-blank tokens only
+    t_start: float = -1
+    t_end: float = -1
+
+
+@dataclass
+class Segment:
+    text: str
+    s_start: int
+    s_end: int
+    words: list[Word] = field(default_factory=list)
+    t_start: float = -1
+    t_end: float = -1
+
+
+@dataclass
+class Utterance:
+    text: str
+    y: list[int]  # [blank, t1, blank, t2, ..., blank]; just [blank] for empty text or too many tokens
+    segments: list[Segment] = field(default_factory=list)
+
+
+class _Tok:
+    """Adapter over NeMo-style tokenizers and bare SentencePieceProcessors."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.sp = not hasattr(tok, "text_to_ids") and hasattr(tok, "encode_as_ids")
+        unk = getattr(tok, "unk_id", 0)
+        self.unk_id = int(unk() if callable(unk) else unk)
+
+    def text_to_ids(self, text: str) -> list[int]:
+        return list(self.tok.encode_as_ids(text) if self.sp else self.tok.text_to_ids(text))
+
+    def text_to_tokens(self, text: str) -> list[str]:
+        return list(self.tok.encode_as_pieces(text) if self.sp else self.tok.text_to_tokens(text))
+
+    def ids_to_tokens(self, ids: list[int]) -> list[str]:
+        return [self.tok.id_to_piece(i) for i in ids] if self.sp else list(self.tok.ids_to_tokens(ids))
+
+    def ids_to_text(self, ids: list[int]) -> str:
+        return self.tok.decode_ids(ids) if self.sp else self.tok.ids_to_text(ids)
+
+
+def split_segments(text: str, separators: Sequence[str] | None = SEGMENT_SEPARATORS) -> list[str]:
+    """NeMo's segment split: after a separator char that is followed by a space ("a.m. x" splits, "a.m.x" not)."""
+    if not separators:
+        pieces = [text.strip()]
+    else:
+        pieces, last = [], -1
+        for i, ch in enumerate(text):
+            if ch in separators and text[i + 1 : i + 2] == " ":
+                pieces.append(text[last + 1 : i + 1].strip())
+                last = i + 1  # the space
+        if last < len(text):
+            pieces.append(text[last + 1 :].strip())
+    return [p for p in pieces if p]
+
+
+def build_utterance(
+    text: str,
+    tokenizer,
+    T: int,
+    blank_id: int,
+    segment_separators: Sequence[str] | None = SEGMENT_SEPARATORS,
+    word_separator: str | None = " ",
+) -> Utterance:
+    """NeMo's `get_utt_obj` for subword tokenizers (the text is used as given; normalise it first).
+
+    Each word is tokenised on its own. If the whole text has more tokens than T frames, the utterance is
+    just [blank] and gets no timestamps.
+    """
+    tok = tokenizer if isinstance(tokenizer, _Tok) else _Tok(tokenizer)
+    utt = Utterance(text=text, y=[blank_id])
+    if len(text) == 0 or len(tok.text_to_ids(text)) > T:
+        return utt
+
+    unk_id = tok.unk_id
+    unk_word = tok.ids_to_text([unk_id]).strip()
+    unk_token = tok.ids_to_tokens([unk_id])[0]
+    seg_s = word_s = 1  # state 0 is the leading blank
+    for seg_text in split_segments(text, segment_separators):
+        # the segment's extent comes from tokenising the whole segment (NeMo does this separately from the
+        # per-word tokenisation below; with SentencePiece both normally agree)
+        n_seg_tokens = 0
+        subs = seg_text.split(unk_word)
+        for i, sub in enumerate(subs):
+            n_seg_tokens += len(tok.text_to_tokens(sub.strip())) + (i < len(subs) - 1)
+        seg = Segment(text=seg_text, s_start=seg_s, s_end=seg_s + 2 * n_seg_tokens - 2)
+        seg_s = seg.s_end + 2
+        utt.segments.append(seg)
+
+        words = seg_text.split(word_separator) if word_separator not in (None, "") else [seg_text]
+        for word_text in words:
+            if word_text == unk_word:
+                pieces, ids = [unk_token], [unk_id]
+            elif unk_word in word_text:  # tokenise around literal unk words, keep them as the unk id
+                pieces, ids = [], []
+                for sub in word_text.split(unk_word):
+                    pieces += tok.text_to_tokens(sub) + [unk_token]
+                    ids += tok.text_to_ids(sub) + [unk_id]
+                pieces, ids = pieces[:-1], ids[:-1]
+            else:
+                pieces, ids = tok.text_to_tokens(word_text), tok.text_to_ids(word_text)
+            word = Word(text=word_text, s_start=word_s, s_end=word_s + 2 * len(pieces) - 2)
+            word_s = word.s_end + 2
+            for piece, token_id in zip(pieces, ids):
+                utt.y += [token_id, blank_id]
+                word.tokens.append(Token(text=piece, token_id=token_id, s=len(utt.y) - 2))
+            seg.words.append(word)
+    return utt
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Path -> times -> NeMo's timestamp dicts
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def utterance_times(utt: Utterance, path: Sequence[int], frame_seconds: float) -> Utterance:
+    """Fill t_start/t_end in place (NeMo's `add_t_start_end_to_utt_obj`).
+
+    t_start = (first frame of s_start) * frame_seconds, t_end = (last frame of s_end + 1) * frame_seconds,
+    -1 for a state the path never visits.
+    """
+    first, last = {}, {}
+    prev = -1
+    for t, s in enumerate(path):
+        if s > prev:
+            first[s] = t
+            if prev >= 0:
+                last[prev] = t - 1
+        prev = s
+    last[prev] = len(path) - 1
+
+    def start(s):
+        return first[s] * frame_seconds if s in first else -1
+
+    def end(s):
+        return (last[s] + 1) * frame_seconds if s in last else -1
+
+    for seg in utt.segments:
+        seg.t_start, seg.t_end = start(seg.s_start), end(seg.s_end)
+        for word in seg.words:
+            word.t_start, word.t_end = start(word.s_start), end(word.s_end)
+            for token in word.tokens:
+                token.t_start, token.t_end = start(token.s), end(token.s)
+    return utt
+
+
+def _normalise_types(timestamp_type) -> list[str]:
+    if isinstance(timestamp_type, str):
+        if timestamp_type not in TIMESTAMP_TYPES:
+            raise ValueError(f"timestamp_type must be one of {TIMESTAMP_TYPES}, got {timestamp_type!r}")
+        return ["segment", "word", "char"] if timestamp_type == "all" else [timestamp_type]
+    types = list(timestamp_type)
+    if not all(t in TIMESTAMP_TYPES for t in types):
+        raise ValueError(f"timestamp_type entries must be in {TIMESTAMP_TYPES}, got {types!r}")
+    return types
+
+
+def timestamp_dicts(
+    utt: Utterance,
+    tokenizer,
+    frame_seconds: float,
+    timestamp_type="all",
+    punctuation=PUNCTUATION,
+) -> dict[str, list[dict]]:
+    """NeMo's `process_timestamps`: the dicts of one aligned utterance (mutates the punctuation tokens' times).
+
+    start/end = round(t, 2) and offsets = int(t / frame_seconds) (truncating, so e.g. 29 frames -> 28). A
+    punctuation piece gets start = end = the (rounded) end of the previous token of its word; when it ends
+    the word (the segment) it also pulls the word's (segment's) end back to that time.
+    """
+    tok = tokenizer if isinstance(tokenizer, _Tok) else _Tok(tokenizer)
+    types = _normalise_types(timestamp_type)
+    out: dict[str, list[dict]] = {t: [] for t in types}
+
+    def offset(t):
+        return int(t / frame_seconds) if t != -1 else -1
+
+    for seg in utt.segments:
+        if "segment" in types:
+            out["segment"].append(
+                {
+                    "segment": seg.text,
+                    "start_offset": offset(seg.t_start),
+                    "end_offset": offset(seg.t_end),
+                    "start": round(seg.t_start, 2),
+                    "end": round(seg.t_end, 2),
+                }
+            )
+        for word in seg.words:
+            if "word" in types:
+                out["word"].append(
+                    {
+                        "word": word.text,
+                        "start_offset": offset(word.t_start),
+                        "end_offset": offset(word.t_end),
+                        "start": round(word.t_start, 2),
+                        "end": round(word.t_end, 2),
+                    }
+                )
+            for i, token in enumerate(word.tokens):
+                if token.text in punctuation:
+                    pinned = round(word.tokens[i - 1].t_end, 2) if i > 0 else round(token.t_start, 2)
+                    if "segment" in types and seg.t_end == word.t_end:
+                        out["segment"][-1]["end"] = pinned
+                        out["segment"][-1]["end_offset"] = offset(pinned)
+                    if "word" in types and word.t_end == token.t_end:
+                        out["word"][-1]["end"] = pinned
+                        out["word"][-1]["end_offset"] = offset(pinned)
+                    token.t_start = token.t_end = pinned
+                if "char" in types:
+                    out["char"].append(
+                        {
+                            "char": tok.ids_to_text([token.token_id]),
+                            "token_id": token.token_id,
+                            "token": token.text,
+                            "start_offset": offset(token.t_start),
+                            "end_offset": offset(token.t_end),
+                            "start": round(token.t_start, 2),
+                            "end": round(token.t_end, 2),
+                        }
+                    )
+    return out
+
+
+def _separators(timestamp_type):
+    """NeMo drops segment splitting for 'char'/'word' and word splitting for 'char' (exact strings only)."""
+    if isinstance(timestamp_type, str) and timestamp_type == "char":
+        return None, None
+    if isinstance(timestamp_type, str) and timestamp_type == "word":
+        return None, " "
+    return SEGMENT_SEPARATORS, " "
+
+
+@dataclass
+class Alignment:
+    utterance: Utterance
+    path: list[int]  # state index per frame
+    timestamp: dict[str, list[dict]]
+
+
+def forced_align_batch(
+    texts: Sequence[str],
+    log_probs: torch.Tensor,
+    lengths: Sequence[int] | torch.Tensor,
+    tokenizer,
+    blank_id: int,
+    frame_seconds: float,
+    timestamp_type="all",
+) -> list[Alignment]:
+    """Align B texts against a padded CTC batch at once (NeMo aligns each AED batch like this).
+
+    log_probs: [B, T_max, V] CTC log-probs (log_softmax output, V = vocab + 1 with blank = vocab size)
+    lengths:   [B] valid frames per item (the CTC encoder lengths)
+    frame_seconds: preprocessor window_stride * encoder subsampling_factor (0.01 * 8 = 0.08 s)
+    """
+    tok = _Tok(tokenizer)
+    lengths = [int(n) for n in torch.as_tensor(lengths).tolist()]
+    if len(texts) != len(lengths) or len(texts) != log_probs.shape[0]:
+        raise ValueError(f"{len(texts)} texts for a batch of {log_probs.shape[0]} and {len(lengths)} lengths")
+    seg_sep, word_sep = _separators(timestamp_type)
+    utts = [
+        build_utterance(" ".join(text.split()), tok, T, blank_id, seg_sep, word_sep)
+        for text, T in zip(texts, lengths)
+    ]
+    U_lens = [len(u.y) for u in utts]
+    pad_id = log_probs.shape[-1]  # like NeMo's V; never read, padded states are masked anyway
+    y = torch.full((len(utts), max(U_lens)), pad_id, dtype=torch.long)
+    for b, u in enumerate(utts):
+        y[b, : len(u.y)] = torch.tensor(u.y)
+    paths = viterbi_align(log_probs, lengths, y, U_lens)
+    out = []
+    for utt, path in zip(utts, paths):
+        utterance_times(utt, path, frame_seconds)
+        out.append(Alignment(utt, path, timestamp_dicts(utt, tok, frame_seconds, timestamp_type)))
+    return out
+
+
+def forced_align_timestamps(
+    text: str,
+    log_probs: torch.Tensor,
+    tokenizer,
+    blank_id: int,
+    frame_seconds: float = 0.08,
+    timestamp_type="all",
+) -> dict[str, list[dict]]:
+    """Timestamps of one utterance: `text` force-aligned against its CTC log-probs [T, V].
+
+    Returns NeMo's dict keyed by the requested types: 'segment'/'word' items
+    {segment|word, start_offset, end_offset, start, end} and 'char' items
+    {char, token_id, token, start_offset, end_offset, start, end}.
+    """
+    log_probs = torch.as_tensor(log_probs)
+    (result,) = forced_align_batch(
+        [text], log_probs[None], [log_probs.shape[0]], tokenizer, blank_id, frame_seconds, timestamp_type
+    )
+    return result.timestamp

@@ -1,0 +1,158 @@
+"""NeMo parity of the model core: encoder outputs, teacher-forced log-probs, losses, decoding."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import AUDIO, FIXTURES, REFERENCE
+from serinus import CanaryModel
+from serinus.model.canary import sequence_loss
+
+AED_MODELS = ["tiny_canary2", "tiny_canary2_unified"]
+
+
+@pytest.fixture(scope="module", params=AED_MODELS)
+def model_and_name(request):
+    return CanaryModel.from_pretrained(FIXTURES / f"{request.param}.nemo"), request.param
+
+
+@pytest.fixture(scope="module")
+def features():
+    return np.load(REFERENCE / "features.npz")
+
+
+def test_encoder_matches_nemo(model_and_name, features):
+    model, name = model_and_name
+    ref = np.load(REFERENCE / name / "encoder.npz")
+    clips = json.loads((REFERENCE / name / "encoder_meta.json").read_text())["clips"]
+    worst = 0.0
+    with torch.no_grad():
+        for clip in clips:
+            feats = torch.from_numpy(features[clip])[None]
+            lengths = torch.from_numpy(features[clip + "__len"]).reshape(1)
+            encoded, enc_len = model.encoder(feats, lengths)
+            assert int(enc_len) == int(ref[clip + "__len"].reshape(-1)[0])
+            n = int(enc_len)
+            np.testing.assert_allclose(encoded[0, :, :n].numpy(), ref[clip][:, :n], atol=2e-5, rtol=1e-4)
+            proj = model.encoder_decoder_proj(encoded.transpose(1, 2))[0, :n].numpy()
+            np.testing.assert_allclose(proj, ref[clip + "__proj"][:n], atol=2e-5, rtol=1e-4)
+            worst = max(worst, float(np.abs(encoded[0, :, :n].numpy() - ref[clip][:, :n]).max()))
+        # the padded batch, from audio through the front end
+        states, mask, lens = model.encode(torch.from_numpy(features["batch3_audio"]),
+                                          torch.from_numpy(features["batch3_audio_lens"]))
+    assert lens.tolist() == ref["batch3_encoded_lens"].tolist()
+    for i, n in enumerate(lens.tolist()):
+        np.testing.assert_allclose(states[i, :n].numpy(), ref["batch3_proj"][i, :n], atol=2e-5, rtol=1e-4)
+    assert worst < 1e-5
+
+
+def test_teacher_forced_log_probs_and_loss(model_and_name):
+    model, name = model_and_name
+    ref = np.load(REFERENCE / name / "teacher_forced.npz")
+    losses = json.loads((REFERENCE / name / "loss.json").read_text())
+    tokens = torch.from_numpy(ref["decoder_input_ids"])
+    token_lens = torch.from_numpy(ref["prompted_transcript_lens"]) - 1
+    with torch.no_grad():
+        log_probs = model(torch.from_numpy(ref["audio"]), torch.from_numpy(ref["audio_lens"]), tokens, token_lens)
+    for i, n in enumerate(token_lens.tolist()):
+        np.testing.assert_allclose(log_probs[i, :n].numpy(), ref["log_probs"][i, :n], atol=5e-5, rtol=1e-5)
+    labels = torch.from_numpy(ref["labels"])
+    prompt_lens = torch.from_numpy(ref["prompt_lens"])
+    pad = model.tokenizer.pad_id
+    plain = sequence_loss(log_probs, labels, pad)
+    masked = sequence_loss(log_probs, labels, pad, prompt_lens=prompt_lens, lengths=token_lens)
+    assert plain.item() == pytest.approx(losses["loss_use_loss_mask_for_prompt_false"], rel=1e-5)
+    assert masked.item() == pytest.approx(losses["loss_use_loss_mask_for_prompt_true"], rel=1e-3, abs=1e-6)
+
+
+def _run_kwargs(run):
+    """Our transcribe() options for one recorded NeMo run (its decoding config + kwargs)."""
+    dec = run["decoding"]
+    kwargs = dict(run["kwargs"])
+    if dec["strategy"] == "beam":
+        kwargs.update(beam_size=dec["beam"]["beam_size"],
+                      length_penalty=dec["beam"].get("length_penalty") or 0.0,
+                      max_generation_delta=dec["beam"]["max_generation_delta"])
+    else:
+        kwargs.update(beam_size=1, max_generation_delta=dec["greedy"]["max_generation_delta"])
+    return kwargs
+
+
+def _runs(name):
+    return json.loads((REFERENCE / name / "transcribe.json").read_text())["runs"]
+
+
+@pytest.mark.parametrize("name", AED_MODELS)
+def test_transcribe_runs_match_nemo(name):
+    model = CanaryModel.from_pretrained(FIXTURES / f"{name}.nemo")
+    for run in _runs(name):
+        kwargs = _run_kwargs(run)
+        if "decodercontext" in kwargs:
+            continue  # see test_decodercontext_is_used
+        audio = str(FIXTURES / run["audio"]) if isinstance(run["audio"], str) else [str(FIXTURES / a) for a in run["audio"]]
+        hyps = model.transcribe(audio, batch_size=4, return_nbest=True, **kwargs)
+        assert len(hyps) == len(run["hyps"]), run["name"]
+        for hyp, ref in zip(hyps, run["hyps"]):
+            assert hyp.y_sequence == ref["y_sequence"], run["name"]
+            assert hyp.text == ref["text"], run["name"]
+            if ref.get("timestamp"):
+                assert hyp.timestamp["word"] == ref["timestamp"]["word"], run["name"]
+                assert hyp.timestamp["segment"] == ref["timestamp"]["segment"], run["name"]
+            if kwargs["beam_size"] > 1 and not kwargs.get("length_penalty"):
+                assert hyp.score == pytest.approx(ref["score"], abs=1e-3), run["name"]  # float32 sums over uncertain tokens
+
+
+@pytest.mark.parametrize("name", AED_MODELS)
+def test_decodercontext_is_used(name):
+    """NeMo 3.0.0's transcribe() drops `decodercontext` for file input (its recorded run equals the
+    run without context). Serinus puts the context in the prompt, as NeMo's own prompt encoder does
+    (prompts.json `asr_en_ctx`); without context our output equals NeMo's recorded run."""
+    model = CanaryModel.from_pretrained(FIXTURES / f"{name}.nemo")
+    run = next(r for r in _runs(name) if "decodercontext" in r["kwargs"])
+    kwargs = _run_kwargs(run)
+    audio = [str(FIXTURES / a) for a in run["audio"]]
+    context = kwargs.pop("decodercontext")
+    without = model.transcribe(audio, **kwargs)
+    assert [h.y_sequence for h in without] == [r["y_sequence"] for r in run["hyps"]]
+    from serinus.transcribe import collect_items, _prepare_prompt
+
+    item = collect_items(audio[:1])[0]
+    _prepare_prompt(model, item, {**{k: v for k, v in kwargs.items() if k in ("source_lang", "target_lang", "pnc")},
+                                  "decodercontext": context}, False)
+    prompts = json.loads((REFERENCE / name / "prompts.json").read_text())["user_turn_cases"]
+    expected = next(c for c in prompts if c["name"] == "asr_en_ctx")
+    if kwargs.get("pnc") == "no":
+        expected_ids = list(expected["context_ids"])
+        pnc_pos = expected["pieces"].index("<|pnc|>")
+        expected_ids[pnc_pos] = model.tokenizer.token_to_id("<|nopnc|>")
+        assert item.prompt == expected_ids
+
+
+def test_results_do_not_depend_on_batch():
+    model = CanaryModel.from_pretrained(FIXTURES / "tiny_canary2.nemo")
+    files = sorted(str(p) for p in AUDIO.glob("*_0*.wav"))
+    alone = [model.transcribe([f], beam_size=1)[0] for f in files]
+    together = model.transcribe(files, batch_size=len(files), beam_size=1)
+    assert [h.y_sequence for h in alone] == [h.y_sequence for h in together]
+
+
+def test_mixed_prompts_in_one_batch():
+    """One item transcribes English while the next translates to German, in the same batch."""
+    model = CanaryModel.from_pretrained(FIXTURES / "tiny_canary2.nemo")
+    manifest_lines = [
+        {"audio_filepath": str(AUDIO / "en_01.wav"), "source_lang": "en", "target_lang": "en", "pnc": "yes"},
+        {"audio_filepath": str(AUDIO / "en_01.wav"), "source_lang": "en", "target_lang": "de", "pnc": "yes"},
+    ]
+    import tempfile, os
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "m.jsonl")
+        with open(path, "w") as f:
+            f.write("\n".join(json.dumps(x) for x in manifest_lines) + "\n")
+        mixed = model.transcribe(path, batch_size=2, beam_size=1)
+    asr = model.transcribe([str(AUDIO / "en_01.wav")], target_lang="en", beam_size=1)[0]
+    ast = model.transcribe([str(AUDIO / "en_01.wav")], target_lang="de", beam_size=1)[0]
+    assert mixed[0].y_sequence == asr.y_sequence
+    assert mixed[1].y_sequence == ast.y_sequence
