@@ -51,71 +51,98 @@ def viterbi_align(
     skipping the blank between repeated tokens); the first maximum of [stay, u-1, u-2] wins. Like NeMo the
     loop runs to the batch's T_max: past its own length an utterance gets emission 0 in its final blank and
     -3.4e38 elsewhere, so a shorter utterance ends on its final blank when it ties with its last token,
-    while a full-length one prefers the last token. The loop is over time only; states are vectorised.
+    while a full-length one prefers the last token.
+
+    The loop is over time only (6 small float ops per frame); the backpointers are derived afterwards from
+    the stored candidate scores, vectorised over blocks of `time_block` frames.
     """
     log_probs = torch.as_tensor(log_probs)
     device = log_probs.device
     B, T_max, _ = log_probs.shape
     T_lens = torch.as_tensor(T_lens, dtype=torch.long).cpu()
     U_lens = torch.as_tensor(U_lens, dtype=torch.long).cpu()
-    y = torch.as_tensor(y, dtype=torch.long)
-    U_max = y.shape[1]
+    y = torch.as_tensor(y, dtype=torch.long).cpu()
+    U = y.shape[1]
+    if len(T_lens) != B or len(U_lens) != B or y.shape[0] != B:
+        raise ValueError(f"batch mismatch: log_probs {B}, T_lens {len(T_lens)}, y {y.shape[0]}, U_lens {len(U_lens)}")
+    if B and (int(T_lens.max()) > T_max or int(U_lens.max()) > U or int(U_lens.min()) < 1):
+        raise ValueError("need T_lens <= log_probs.shape[1] and 1 <= U_lens <= y.shape[1]")
     if T_max == 0:
         return [[] for _ in range(B)]
+    time_block = max(1, min(time_block, T_max))
 
-    u_idx = torch.arange(U_max)
+    u_idx = torch.arange(U)
     in_target = u_idx[None, :] < U_lens[:, None]  # [B, U]
-    y_safe = torch.where(in_target, y.cpu(), 0).to(device)
+    index = torch.where(in_target, y, 0).to(device)[:, None, :]
     # letter-repetition rule: y[u] == y[u-2] forbids the u-2 jump (the padded tail is never on a path)
-    skip_banned = torch.zeros(B, U_max, dtype=torch.bool)
-    skip_banned[:, 2:] = y.cpu()[:, 2:] == y.cpu()[:, :-2]
-    skip_banned = skip_banned.to(device)
+    skip_banned = torch.zeros(B, U, dtype=torch.bool)
+    skip_banned[:, 2:] = y[:, 2:] == y[:, :-2]
     # past T_b NeMo zeroes the emissions of states U_b-1 and U_b (the latter is padding)
     final_states = ((u_idx[None, :] == U_lens[:, None] - 1) | (u_idx[None, :] == U_lens[:, None])).to(device)
-    in_target = in_target.to(device)
-    t_lens_dev = T_lens.to(device)
-
+    in_target, t_lens = in_target.to(device), T_lens.to(device)
     neg = torch.tensor(PAD_LOGPROB, dtype=torch.float32, device=device)
     zero = torch.zeros((), dtype=torch.float32, device=device)
-    index = y_safe[:, None, :]
+
+    padded_targets = bool((U_lens < U).any())
+    shortest = int(T_lens.min())
 
     def emissions(t0: int, t1: int) -> torch.Tensor:
-        """[B, t1-t0, U] float32 emission log-probs, with NeMo's padding and end-of-utterance masking."""
+        """[t1-t0, B, U] float32 emission log-probs, with NeMo's padding and end-of-utterance masking."""
         lp = log_probs[:, t0:t1].to(torch.float32)
-        e = torch.gather(lp, 2, index.expand(B, t1 - t0, U_max))
-        e = torch.where(in_target[:, None, :], e, neg)
-        past_end = torch.arange(t0, t1, device=device)[None, :] >= t_lens_dev[:, None]  # [B, t]
-        return torch.where(past_end[:, :, None], torch.where(final_states[:, None, :], zero, neg), e)
+        e = torch.gather(lp, 2, index.expand(B, t1 - t0, U))
+        if padded_targets:  # NeMo's pad id reads a -3.4e38 column
+            e = torch.where(in_target[:, None, :], e, neg)
+        if t1 > shortest:  # some utterance has ended within this block
+            past_end = torch.arange(t0, t1, device=device)[None, :] >= t_lens[:, None]  # [B, t]
+            e = torch.where(past_end[:, :, None], torch.where(final_states[:, None, :], zero, neg), e)
+        return e.transpose(0, 1).contiguous()
 
-    # v holds two leading padding states so that u-1 and u-2 are plain slices
-    v = torch.full((B, U_max + 2), PAD_LOGPROB, dtype=torch.float32, device=device)
-    backpointers = torch.zeros((T_max, B, U_max), dtype=torch.int8, device=device)
-    # per-frame buffers, reused: the loop body is a few tiny elementwise ops, so allocation would dominate
-    stay, one, two, best = (torch.empty((B, U_max), dtype=torch.float32, device=device) for _ in range(4))
-    one_wins = torch.zeros((time_block, B, U_max), dtype=torch.bool, device=device)
-    two_wins = torch.zeros((time_block, B, U_max), dtype=torch.bool, device=device)
-    for t0 in range(0, T_max, time_block):
-        t1 = min(T_max, t0 + time_block)
-        e_block = emissions(t0, t1)
-        if t0 == 0:
-            v[:, 2:4] = e_block[:, 0, :2]  # frame 0: only the leading blank and the first token
-            one_wins[0] = two_wins[0] = False
-        for t in range(max(t0, 1), t1):
-            e, k = e_block[:, t - t0], t - t0
-            # add the emission *before* comparing, as NeMo does: rounding can turn a tiny difference into a
-            # tie, and a tie must go to the first candidate (stay, then u-1, then u-2)
-            torch.add(v[:, 2:], e, out=stay)
-            torch.add(v[:, 1:-1], e, out=one)
-            torch.where(skip_banned, neg, v[:, :-2], out=two)
-            two.add_(e)
-            torch.gt(one, stay, out=one_wins[k])
-            torch.maximum(stay, one, out=best)
-            torch.gt(two, best, out=two_wins[k])
-            torch.maximum(best, two, out=v[:, 2:])
-        n = t1 - t0
-        backpointers[t0:t1] = torch.where(two_wins[:n], 2, one_wins[:n].to(torch.int8))
+    # The u-2 candidate of a banned state is exactly -3.4e38 (NeMo's masked_fill): clamp it to
+    # [lo, hi] = [-3.4e38, -3.4e38] there and to [-inf, inf] (a no-op) elsewhere. Float-only ops are several
+    # times faster than boolean masking on tensors this small.
+    banned = skip_banned.to(device)
+    lo = torch.where(banned, neg, torch.tensor(-float("inf"), device=device))
+    hi = torch.where(banned, neg, torch.tensor(float("inf"), device=device))
 
-    final = v[:, 2:].cpu()
+    # hist[k] = scores after frame t0+k-1, with two leading padding states so u-2, u-1 and u are slices
+    hist = torch.full((time_block + 1, B, U + 2), PAD_LOGPROB, dtype=torch.float32, device=device)
+    h_two = [h[:, :-2] for h in hist]
+    h_one = [h[:, 1:-1] for h in hist]
+    h_stay = [h[:, 2:] for h in hist]
+    # cand[k] = the three candidate scores of frame t0+k (emission included), kept for the backpointers
+    cand = torch.empty((time_block, 3, B, U), dtype=torch.float32, device=device)
+    c_stay, c_one, c_two = ([c[r] for c in cand] for r in range(3))
+    best = torch.empty((B, U), dtype=torch.float32, device=device)
+    backpointers = torch.zeros((T_max, B, U), dtype=torch.int8, device=device)
+    with torch.inference_mode():
+        for t0 in range(0, T_max, time_block):
+            t1 = min(T_max, t0 + time_block)
+            e_block = emissions(t0, t1)
+            e_t = e_block.unbind(0)
+            first = 0
+            if t0 == 0:  # frame 0: only the leading blank and the first token can start a path
+                hist[1, :, 2:4] = e_block[0, :, :2]
+                first = 1
+            for k in range(first, t1 - t0):
+                # add the emission *before* taking the max, as NeMo: the rounding must be the same
+                e = e_t[k]
+                torch.add(h_stay[k], e, out=c_stay[k])
+                torch.add(h_one[k], e, out=c_one[k])
+                torch.clamp(h_two[k], lo, hi, out=c_two[k])
+                c_two[k].add_(e)
+                torch.maximum(c_stay[k], c_one[k], out=best)
+                torch.maximum(best, c_two[k], out=h_stay[k + 1])
+            # backpointers of the block, as codes: +1 if u-1 beats stay, +2 if u-2 beats both (strictly,
+            # so the first maximum of [stay, u-1, u-2] wins as in NeMo); codes 2 and 3 both mean "from u-2"
+            n = t1 - t0
+            stay, one, two = cand[first:n].unbind(1)
+            from_one = torch.gt(one, stay)
+            from_two = torch.gt(two, torch.maximum(stay, one))
+            torch.add(from_one.view(torch.int8), from_two.view(torch.int8), alpha=2,
+                      out=backpointers[t0 + first : t1])
+            hist[0] = hist[n]
+
+    final = hist[0, :, 2:].cpu()  # scores after the last frame
     backpointers = backpointers.cpu().numpy()
     paths = []
     for b in range(B):
@@ -127,7 +154,8 @@ def viterbi_align(
         path = np.empty(T_max, dtype=np.int64)
         path[T_max - 1] = u
         for t in range(T_max - 1, 0, -1):
-            u -= int(backpointers[t, b, u])
+            code = backpointers[t, b, u]
+            u -= 2 if code >= 2 else int(code)
             path[t - 1] = u
         paths.append(path[:T_b].tolist())
     return paths
@@ -237,7 +265,7 @@ def build_utterance(
         # the segment's extent comes from tokenising the whole segment (NeMo does this separately from the
         # per-word tokenisation below; with SentencePiece both normally agree)
         n_seg_tokens = 0
-        subs = seg_text.split(unk_word)
+        subs = seg_text.split(unk_word) if unk_word else [seg_text]
         for i, sub in enumerate(subs):
             n_seg_tokens += len(tok.text_to_tokens(sub.strip())) + (i < len(subs) - 1)
         seg = Segment(text=seg_text, s_start=seg_s, s_end=seg_s + 2 * n_seg_tokens - 2)
@@ -248,7 +276,7 @@ def build_utterance(
         for word_text in words:
             if word_text == unk_word:
                 pieces, ids = [unk_token], [unk_id]
-            elif unk_word in word_text:  # tokenise around literal unk words, keep them as the unk id
+            elif unk_word and unk_word in word_text:  # tokenise around a literal unk word, keep it as unk
                 pieces, ids = [], []
                 for sub in word_text.split(unk_word):
                     pieces += tok.text_to_tokens(sub) + [unk_token]
@@ -451,3 +479,44 @@ def forced_align_timestamps(
         [text], log_probs[None], [log_probs.shape[0]], tokenizer, blank_id, frame_seconds, timestamp_type
     )
     return result.timestamp
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# With the packed CTC model
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def ctc_log_probs(aligner, samples: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The aligner's log-probs [B, T, V+1] and lengths [B] for a list of 16 kHz clips.
+
+    As NeMo's CTC `transcribe` on a list of arrays: each clip is padded to >= 1 s (zeros on both sides)
+    and the batch is zero-padded to its longest clip.
+    """
+    from serinus.longform import pad_min_duration
+
+    clips = [torch.as_tensor(pad_min_duration(np.asarray(s, dtype=np.float32))) for s in samples]
+    lengths = torch.tensor([len(c) for c in clips])
+    audio = torch.zeros(len(clips), int(lengths.max()))
+    for b, clip in enumerate(clips):
+        audio[b, : len(clip)] = clip
+    device = next(aligner.parameters()).device
+    with torch.inference_mode():
+        log_probs, T = aligner(audio.to(device), lengths.to(device))
+    return log_probs, T
+
+
+def align_texts(model, samples: Sequence[np.ndarray], hyps, timestamp_type="all") -> None:
+    """Set `hyp.timestamp` of each hypothesis by aligning `hyp.text` with `model.aligner` (in place).
+
+    NeMo's `get_forced_aligned_timestamps_with_external_model` for one AED batch: all clips go through the
+    CTC model together, then one batched Viterbi. transcribe() uses ['word', 'segment'] for whole files and
+    'char' for the chunks of a long file (before merging them).
+    """
+    aligner = model.aligner
+    tokenizer = getattr(model, "aligner_tokenizer", None) or model.tokenizer
+    log_probs, T = ctc_log_probs(aligner, samples)
+    results = forced_align_batch(
+        [h.text for h in hyps], log_probs, T, tokenizer, aligner.blank_id, aligner.frame_seconds, timestamp_type
+    )
+    for hyp, result in zip(hyps, results):
+        hyp.timestamp = result.timestamp

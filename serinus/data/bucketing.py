@@ -23,6 +23,7 @@ import random
 import sys
 import warnings
 from bisect import bisect_left
+from itertools import islice
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
@@ -47,14 +48,12 @@ def _as_cuts(data, langs=None):
     """A CutSet from a manifest path / `Manifest` / list of paths, or the cuts given."""
     import os
 
-    from serinus.data.manifest import Manifest, manifest_to_cuts
+    from serinus.data.manifest import Manifest, manifest_to_cuts, manifests_to_cuts
 
     if isinstance(data, (str, os.PathLike, Manifest)):
         return manifest_to_cuts(data, langs)
     if isinstance(data, (list, tuple)) and data and isinstance(data[0], (str, os.PathLike, Manifest)):
-        from lhotse import CutSet
-
-        return CutSet.from_cuts(c for d in data for c in manifest_to_cuts(d, langs))
+        return manifests_to_cuts(data, langs)
     return data
 
 
@@ -197,9 +196,9 @@ def estimate_bins_2d(
     cuts = _as_cuts(data)
     if tokenizer is not None:
         cuts = attach_num_tokens(cuts, tokenizer, prompt_format, slot_defaults)
-    durs, toks = measure(cuts)
     if num_examples > 0:
-        durs, toks = durs[:num_examples], toks[:num_examples]
+        cuts = islice(cuts, num_examples)
+    durs, toks = measure(cuts)
     ok = np.ones(len(durs), dtype=bool)
     if min_duration is not None:
         ok &= durs >= min_duration
@@ -364,7 +363,9 @@ def make_sampler(
         bucket_batch_size = bucket_batch_sizes(bins, batch_duration, quadratic_duration)
     if len(bucket_batch_size) != len(bins):
         raise ValueError(f"bucket_batch_size has {len(bucket_batch_size)} values for {len(bins)} bins")
-    constraint = FixedBucketBatchSize2D(max_seq_len_buckets=bins, batch_sizes=list(bucket_batch_size), strict_2d=strict_2d)
+    constraint = FixedBucketBatchSize2D(
+        max_seq_len_buckets=bins, batch_sizes=list(bucket_batch_size), strict_2d=strict_2d
+    )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*eagerly read CutSet.*")
         sampler = BucketingSampler(

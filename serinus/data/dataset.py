@@ -73,12 +73,14 @@ def encode_cut(
     prompt_format: str | PromptFormat = "canary2",
     slot_defaults: Mapping[str, object] | None = None,
     unk_ids: frozenset[int] | None = None,
+    allow_unk: bool = False,
 ) -> PromptedExample:
     """Prompt + answer ids for one cut; raises `DataError` naming the cut's manifest line.
 
     Slots come from the cut's custom fields over `slot_defaults`; the text is the supervisions'
     texts joined by spaces, tokenised in the supervision's language (else the target language).
-    A text that needs `<unk>` (a character the tokenizer has never seen) is an error.
+    A text that needs `<unk>` (a character the tokenizer has never seen) is an error unless
+    `allow_unk` (NeMo trains on <unk> silently).
     """
     fmt = get_format(prompt_format)
     if not cut.supervisions:
@@ -94,7 +96,7 @@ def encode_cut(
     except (ValueError, KeyError) as e:
         raise DataError(f"{cut_origin(cut)}: {e}") from None
     unk = _unk_ids(tokenizer) if unk_ids is None else unk_ids
-    bad = [i for i, t in enumerate(ex.answer_ids) if t in unk]
+    bad = [] if allow_unk else [i for i, t in enumerate(ex.answer_ids) if t in unk]
     if bad:
         pieces = tokenizer.text_to_tokens(text, lang) if lang else []
         shown = sorted({pieces[i] for i in bad if i < len(pieces)}) if len(pieces) == len(ex.answer_ids) else []
@@ -155,17 +157,19 @@ class PromptedDataset(torch.utils.data.Dataset):
         slot_defaults: Mapping[str, object] | None = None,
         with_audio: bool = True,
         sample_rate: int = 16000,
+        allow_unk: bool = False,
     ):
         self.tokenizer = tokenizer
         self.prompt_format = get_format(prompt_format)
         self.slot_defaults = dict(slot_defaults or {})
         self.with_audio = with_audio  # False: token tensors only (audio left empty), e.g. for statistics
         self.sample_rate = sample_rate
+        self.allow_unk = allow_unk
         self.pad_id = tokenizer.pad_id
         self._unk_ids = _unk_ids(tokenizer)
 
     def encode(self, cut) -> PromptedExample:
-        return encode_cut(cut, self.tokenizer, self.prompt_format, self.slot_defaults, self._unk_ids)
+        return encode_cut(cut, self.tokenizer, self.prompt_format, self.slot_defaults, self._unk_ids, self.allow_unk)
 
     def __getitem__(self, cuts) -> PromptedBatch:
         cuts = list(cuts)

@@ -128,7 +128,7 @@ def parse_line(
         raise ManifestError(f"{where}: text must be a string, got {type(text).__name__}")
     path = Path(audio).expanduser()
     if not path.is_absolute():
-        path = base_dir / path
+        path = Path(os.path.normpath(base_dir / path))
     if check_audio and not path.is_file():
         raise ManifestError(f"{where}: audio file not found: {path}")
     if langs is not None:
@@ -154,7 +154,7 @@ def iter_manifest(
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"{path}: no such manifest file")
-    base_dir = path.resolve().parent
+    base_dir = Path(os.path.abspath(path)).parent  # the manifest's folder, as NeMo joins it (symlinks kept)
     langs = None if langs is None else set(langs)
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -198,7 +198,7 @@ def write_manifest(path: str | os.PathLike, entries: Iterable[ManifestEntry | di
     """Write entries as JSONL. With `relative`, audio paths under the manifest's folder become relative."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    base = path.resolve().parent if relative else None
+    base = Path(os.path.abspath(path)).parent if relative else None
     with open(path, "w", encoding="utf-8") as f:
         for e in entries:
             item = e.to_dict(base) if isinstance(e, ManifestEntry) else e
@@ -253,14 +253,15 @@ def build_librispeech_manifest(
                     raise ManifestError(f"{where}: cannot read audio {audio}: {e}") from None
                 listed.add(audio.resolve())
                 extra = {"source_lang": lang, "target_lang": lang, "pnc": pnc, "lang": lang}
-                entries.append(
-                    ManifestEntry(
-                        str(audio.resolve()), info.frames / info.samplerate, text.lower() if lowercase else text, 0.0, extra, where
-                    )
-                )
+                duration = info.frames / info.samplerate
+                text = text.lower() if lowercase else text
+                entries.append(ManifestEntry(str(audio.resolve()), duration, text, 0.0, extra, where))
     unlisted = [p for p in root.rglob("*.flac") if p.resolve() not in listed]
     if unlisted:
-        print(f"{root}: {len(unlisted)} .flac file(s) have no transcript line and were not added, e.g. {unlisted[0]}", file=sys.stderr)
+        print(
+            f"{root}: {len(unlisted)} .flac file(s) have no transcript line and were not added, e.g. {unlisted[0]}",
+            file=sys.stderr,
+        )
     write_manifest(out, entries)
     return Manifest(out, entries, [], len(entries))
 
@@ -290,7 +291,8 @@ def entry_to_cut(entry: ManifestEntry, cut_id: str, recordings: dict | None = No
         start, duration = entry.offset, entry.duration
         if start + duration > rec.duration + DURATION_TOLERANCE:
             raise ManifestError(
-                f"{entry.where}: offset+duration {start + duration:.3f}s is past the end of the audio ({rec.duration:.3f}s)"
+                f"{entry.where}: offset+duration {start + duration:.3f}s is past the end of the audio "
+                f"({rec.duration:.3f}s)"
             )
         duration = min(duration, rec.duration - start)
     else:
@@ -315,18 +317,44 @@ def entry_to_cut(entry: ManifestEntry, cut_id: str, recordings: dict | None = No
     )
 
 
-def manifest_to_cuts(manifest: Manifest | str | os.PathLike, langs: Iterable[str] | None = None, skip_invalid: bool = False):
-    """lhotse CutSet for a manifest (validated first). Cut ids are `<manifest stem>-<line number>`."""
+def manifest_to_cuts(
+    manifest: Manifest | str | os.PathLike,
+    langs: Iterable[str] | None = None,
+    skip_invalid: bool = False,
+    id_prefix: str | None = None,
+):
+    """lhotse CutSet for a manifest (validated first).
+
+    Cut ids are `<id_prefix>-<line number>`, the prefix defaulting to the manifest's name without
+    extension ("asr_train-12"); give distinct prefixes when combining manifests of the same name.
+    """
     from lhotse import CutSet
 
     if not isinstance(manifest, Manifest):
         manifest = read_manifest(manifest, langs, skip_invalid=skip_invalid)
+    prefix = id_prefix if id_prefix is not None else manifest.path.name.split(".")[0]
     recordings: dict = {}  # one Recording per audio file (AST manifests repeat each file)
     cuts = []
     for e in manifest:
-        stem, _, line = e.where.rpartition(":")
-        cuts.append(entry_to_cut(e, f"{Path(stem).name.split('.')[0]}-{line}", recordings))
+        line = e.where.rpartition(":")[2]
+        cuts.append(entry_to_cut(e, f"{prefix}-{line}", recordings))
     return CutSet.from_cuts(cuts)
+
+
+def manifests_to_cuts(manifests: Iterable[Manifest | str | os.PathLike], langs: Iterable[str] | None = None):
+    """One CutSet for several manifests, with unique cut ids: `<name>-<line>`, or
+    `<folder>-<name>-<line>` where names repeat (e.g. synth-v1/asr_train and synth-v1-large/asr_train)."""
+    from lhotse import CutSet
+
+    manifests = [m if isinstance(m, Manifest) else read_manifest(m, langs) for m in manifests]
+    names = [m.path.name.split(".")[0] for m in manifests]
+    prefixes = [
+        n if names.count(n) == 1 else f"{Path(os.path.abspath(m.path)).parent.name}-{n}"
+        for m, n in zip(manifests, names)
+    ]
+    if len(set(prefixes)) < len(prefixes):
+        prefixes = [f"{i}-{n}" for i, n in enumerate(names)]
+    return CutSet.from_cuts(c for m, p in zip(manifests, prefixes) for c in manifest_to_cuts(m, id_prefix=p))
 
 
 def write_shar(cuts, out_dir: str | os.PathLike, shard_size: int = 1000, audio_format: str = "flac") -> dict:
@@ -342,7 +370,9 @@ def write_shar(cuts, out_dir: str | os.PathLike, shard_size: int = 1000, audio_f
 # CLI
 
 
-def check_report(path: str | os.PathLike, langs: Iterable[str] | None = None, check_audio: bool = True) -> tuple[Manifest, str]:
+def check_report(
+    path: str | os.PathLike, langs: Iterable[str] | None = None, check_audio: bool = True
+) -> tuple[Manifest, str]:
     """Validate every line (never stopping at the first error); returns the manifest and a report."""
     m = read_manifest(path, langs, check_audio=check_audio, skip_invalid=True)
     lines = [f"{path}: {len(m)} valid entries of {m.num_lines} lines, {m.total_duration / 3600:.2f} h"]
@@ -367,7 +397,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("root")
     b.add_argument("out")
     case = b.add_mutually_exclusive_group()
-    case.add_argument("--lowercase", dest="lowercase", action="store_true", default=True, help="lower-case text (default)")
+    case.add_argument(
+        "--lowercase", dest="lowercase", action="store_true", default=True, help="lower-case text (default)"
+    )
     case.add_argument("--keep-case", dest="lowercase", action="store_false", help="keep the transcript's case")
     b.add_argument("--pnc", choices=["yes", "no"], help="pnc slot (default: no with --lowercase, yes with --keep-case)")
     b.add_argument("--lang", default="en")

@@ -179,7 +179,8 @@ def manifest_texts(manifests: Iterable[str | os.PathLike], lang: str | None = No
                     continue
                 texts.append(item["text"])
     if not texts:
-        raise ValueError(f"no text found in {', '.join(map(str, manifests))}" + (f" for language {lang!r}" if lang else ""))
+        where = ", ".join(map(str, manifests)) + (f" for language {lang!r}" if lang else "")
+        raise ValueError(f"no text found in {where}")
     return texts
 
 
@@ -238,7 +239,9 @@ def train_unified_tokenizer(
     """
     specials = canary2_special_tokens(extra_tokens)
     if vocab_size <= len(specials) + 1:
-        raise ValueError(f"vocab_size {vocab_size} leaves no room for text pieces after {len(specials) + 1} special ones")
+        raise ValueError(
+            f"vocab_size {vocab_size} leaves no room for text pieces after {len(specials) + 1} special ones"
+        )
     return train_bpe_tokenizer(
         texts, out_dir, vocab_size, lowercase=lowercase, character_coverage=character_coverage,
         user_defined_symbols=specials, **spm_options,
@@ -254,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     t = sub.add_parser("train", help="Per-language (or --unified) SentencePiece BPE from manifest text.")
     t.add_argument("out_dir")
     src = t.add_mutually_exclusive_group(required=True)
-    src.add_argument("--manifest", nargs="+", help="NeMo manifest(s); their `text` is the corpus")
+    src.add_argument("--manifest", action="append", help="NeMo manifest whose `text` is the corpus (repeatable)")
     src.add_argument("--text", help="a text file, one sentence per line")
     t.add_argument("--lang", help="only manifest lines whose target_lang (or lang) is this")
     t.add_argument("--vocab-size", type=int, required=True)

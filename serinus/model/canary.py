@@ -79,6 +79,32 @@ def padded_vocab(vocab_size: int) -> int:
     return 8 * math.ceil(vocab_size / 8)
 
 
+# Released Canary architectures (NeMo's fast-conformer_aed.yaml, the model cards). All use 128 mels,
+# 8x dw_striding subsampling with 256 channels, rel_pos attention with 8 heads, conv kernel 9,
+# FFN expansion 4, and a pre-LN decoder with 8 heads and inner size 4x hidden.
+PRESETS = {
+    "canary-1b": dict(enc_layers=24, d_model=1024, dec_layers=24, hidden=1024, max_len=512, prompt_format="canary"),
+    "canary-1b-flash": dict(enc_layers=32, d_model=1024, dec_layers=4, hidden=1024, max_len=1024, prompt_format="canary2"),
+    "canary-180m-flash": dict(enc_layers=17, d_model=512, dec_layers=4, hidden=1024, max_len=1024, prompt_format="canary2"),
+    "canary-1b-v2": dict(enc_layers=32, d_model=1024, dec_layers=8, hidden=1024, max_len=1024, prompt_format="canary2"),
+}
+
+
+def preset_config(name: str, vocab_size: int) -> CanaryConfig:
+    """The architecture of a released Canary model, for a tokenizer of `vocab_size` entries."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+    p = PRESETS[name]
+    return CanaryConfig(
+        features=FeatureConfig(),
+        encoder=EncoderConfig(n_layers=p["enc_layers"], d_model=p["d_model"], n_heads=8, subsampling_conv_channels=256),
+        decoder=DecoderConfig(vocab_size=padded_vocab(vocab_size), hidden_size=p["hidden"], inner_size=4 * p["hidden"],
+                              num_layers=p["dec_layers"], num_attention_heads=8, max_sequence_length=p["max_len"]),
+        prompt_format=p["prompt_format"],
+        decoding=DecodingConfig(beam_size=1, max_generation_delta=50),
+    )
+
+
 class CanaryModel(nn.Module):
     def __init__(self, cfg: CanaryConfig, tokenizer=None):
         super().__init__()
