@@ -520,3 +520,89 @@ def align_texts(model, samples: Sequence[np.ndarray], hyps, timestamp_type="all"
     )
     for hyp, result in zip(hyps, results):
         hyp.timestamp = result.timestamp
+
+
+# -- standalone forced alignment: `serinus align AUDIO TEXT --model M` --------------------------
+
+def unknown_characters(text: str, tokenizer) -> list[str]:
+    """Characters of `text` that the CTC vocabulary cannot spell (they align as <unk>)."""
+    unk = getattr(tokenizer, "unk_id", None)
+    if unk is None:
+        return []
+    missing = []
+    for char in sorted(set(text) - {" "}):
+        if unk in tokenizer.text_to_ids(char):
+            missing.append(char)
+    return missing
+
+
+def align_audio(model, samples: np.ndarray, text: str) -> dict:
+    """Word and segment times of a given transcript in a 16 kHz clip, with the model's CTC aligner.
+
+    Characters the aligner's vocabulary lacks are aligned as <unk> (as NeMo does) and listed
+    under "unknown_characters"; "aligned" is False when the text has more tokens than the
+    audio has frames (no times can be given then)."""
+    if model.aligner is None:
+        raise ValueError("this checkpoint packs no CTC aligner (only canary-1b-v2-style checkpoints do); "
+                         "for flash models use `serinus transcribe --timestamps`")
+    tokenizer = model.aligner_tokenizer or model.tokenizer
+    text = " ".join(text.split())
+    log_probs, lengths = ctc_log_probs(model.aligner, [samples])
+    result = forced_align_batch([text], log_probs, lengths, tokenizer, model.aligner.blank_id,
+                                model.aligner.frame_seconds, ["word", "segment"])[0]
+    words = result.timestamp.get("word", [])
+    return {
+        "text": text,
+        "word": words,
+        "segment": result.timestamp.get("segment", []),
+        "aligned": bool(words) or not text,
+        "unknown_characters": unknown_characters(text, tokenizer),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+    import sys
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(
+        prog="serinus align",
+        description="Forced alignment: word and segment times of a known transcript, from the CTC model "
+        "packed in a canary-1b-v2-style checkpoint.",
+    )
+    parser.add_argument("audio", help="audio file (wav, flac, ogg; mp3/m4a/opus need ffmpeg)")
+    parser.add_argument("text", help="the transcript, or a path to a UTF-8 text file holding it")
+    parser.add_argument("--model", default="nvidia/canary-1b-v2", help="checkpoint: .nemo, Serinus folder or Hub id")
+    parser.add_argument("--format", choices=["json", "srt", "vtt"], default="json")
+    parser.add_argument("--output", help="write here instead of stdout")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+
+    from serinus.audio import AudioError, load_audio
+    from serinus.checkpoint import CheckpointError, load_model
+    from serinus.decoding import Hypothesis
+    from serinus.output import subtitles
+
+    text = Path(args.text).read_text(encoding="utf-8") if Path(args.text).is_file() else args.text
+    try:
+        model = load_model(args.model, device=args.device)
+        samples = load_audio(args.audio)
+        result = align_audio(model, samples, text)
+    except (AudioError, CheckpointError, ValueError) as e:
+        print(f"serinus align: {e}", file=sys.stderr)
+        return 2
+    if result["unknown_characters"]:
+        print(f"serinus align: characters not in the aligner's vocabulary (aligned as <unk>): "
+              f"{' '.join(result['unknown_characters'])}", file=sys.stderr)
+    if not result["aligned"]:
+        print("serinus align: the transcript has more tokens than the audio has frames; no times", file=sys.stderr)
+    if args.format == "json":
+        out = json.dumps({"audio": args.audio, **result}, ensure_ascii=False, indent=2) + "\n"
+    else:
+        out = subtitles(Hypothesis(text=result["text"], timestamp=result), args.format)
+    if args.output:
+        Path(args.output).write_text(out, encoding="utf-8")
+    else:
+        sys.stdout.write(out)
+    return 0 if result["aligned"] else 1

@@ -205,9 +205,15 @@ def load_nemo(path: str | os.PathLike, device="cpu"):
         except (KeyError, ValueError) as e:
             raise CheckpointError(f"{path}: unsupported model config: {e}") from e
         has_aligner = (root / ALIGNER_CONFIG_FILE).is_file() and (root / ALIGNER_WEIGHTS_FILE).is_file()
+        aligner_tokenizer = None
         if has_aligner and cfg.get("restore_timestamps_model", True):
-            config.aligner = CTCConfig.from_nemo(yaml.safe_load((root / ALIGNER_CONFIG_FILE).read_text()))
-        model = CanaryModel(config, tokenizer)
+            aligner_cfg = yaml.safe_load((root / ALIGNER_CONFIG_FILE).read_text())
+            try:
+                config.aligner = CTCConfig.from_nemo(aligner_cfg)
+                aligner_tokenizer = load_tokenizer(aligner_cfg["tokenizer"], nemo_resolver(root))
+            except (KeyError, ValueError, OSError) as e:
+                raise CheckpointError(f"{path}: cannot load the packed CTC aligner ({ALIGNER_CONFIG_FILE}): {e}") from e
+        model = CanaryModel(config, tokenizer, aligner_tokenizer)
         load_state(model, _with_aligner(model, root, nemo_to_serinus_state_dict(weights)), str(path))
     return model.to(device).eval()
 
@@ -235,6 +241,8 @@ def save_model(model, out_dir: str | os.PathLike) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tokenizer_cfg = model.tokenizer.save(out / "tokenizer")
     config = {"format": "serinus", "version": 1, "model": model.cfg.to_dict(), "tokenizer": tokenizer_cfg}
+    if model.aligner_tokenizer is not None:
+        config["aligner_tokenizer"] = model.aligner_tokenizer.save(out / "aligner_tokenizer")
     (out / OWN_CONFIG).write_text(json.dumps(config, indent=2))
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out / OWN_WEIGHTS))
@@ -254,7 +262,10 @@ def load_own(path: str | os.PathLike, device="cpu"):
     if config.get("format") != "serinus":
         raise CheckpointError(f"{root / OWN_CONFIG}: not a Serinus model config")
     tokenizer = load_tokenizer(config["tokenizer"], lambda p: root / "tokenizer" / p)
-    model = CanaryModel(CanaryConfig.from_dict(config["model"]), tokenizer)
+    aligner_tokenizer = None
+    if "aligner_tokenizer" in config:
+        aligner_tokenizer = load_tokenizer(config["aligner_tokenizer"], lambda p: root / "aligner_tokenizer" / p)
+    model = CanaryModel(CanaryConfig.from_dict(config["model"]), tokenizer, aligner_tokenizer)
     load_state(model, load_file(str(root / OWN_WEIGHTS)), str(root))
     return model.to(device).eval()
 

@@ -106,10 +106,11 @@ def preset_config(name: str, vocab_size: int) -> CanaryConfig:
 
 
 class CanaryModel(nn.Module):
-    def __init__(self, cfg: CanaryConfig, tokenizer=None):
+    def __init__(self, cfg: CanaryConfig, tokenizer=None, aligner_tokenizer=None):
         super().__init__()
         self.cfg = cfg
         self.tokenizer = tokenizer
+        self.aligner_tokenizer = aligner_tokenizer  # the CTC aligner's own vocabulary (v2 checkpoints)
         self.preprocessor = LogMel(cfg.features)
         self.encoder = ConformerEncoder(cfg.encoder)
         d_enc, d_dec = cfg.encoder.d_model, cfg.decoder.hidden_size
