@@ -22,9 +22,10 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from serinus.timestamps import segments_from_words
+
 SAMPLE_RATE = 16000
 PUNCTUATION = frozenset({",", ".", "!", "?"})
-SEGMENT_DELIMITERS = frozenset({".", "!", "?", "..."})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -386,32 +387,6 @@ def words_from_chars(
         if built:
             close(len(chars) - 1, chars[-1])
     return words
-
-
-def segments_from_words(words: Sequence[dict], delimiters=SEGMENT_DELIMITERS) -> list[dict]:
-    """NeMo's `get_segment_offsets` without a gap threshold: a word ending in . ! ? closes a segment."""
-    segments: list[dict] = []
-    seg_words: list[str] = []
-    first = 0
-
-    def close(last: int):
-        seg = {"segment": " ".join(seg_words), "start_offset": words[first]["start_offset"],
-               "end_offset": words[last]["end_offset"]}
-        if "start" in words[first]:
-            seg["start"] = words[first]["start"]
-        if "end" in words[last]:
-            seg["end"] = words[last]["end"]
-        segments.append(seg)
-
-    for i, w in enumerate(words):
-        word = w["word"]
-        seg_words.append(word)
-        if word and (word[-1] in delimiters or word in delimiters):
-            close(i)
-            seg_words, first = [], i + 1
-    if seg_words:
-        close(len(words) - 1)
-    return segments
 
 
 def merge_chunk_timestamps(

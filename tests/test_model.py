@@ -8,7 +8,10 @@ import torch
 
 from conftest import AUDIO, FIXTURES, REFERENCE
 from serinus import CanaryModel
-from serinus.model.canary import sequence_loss
+from serinus.audio import load_audio
+from serinus.decoding import greedy_decode, max_new_tokens
+from serinus.model.canary import PRESETS, CanaryModel as _Model, preset_config, sequence_loss
+from serinus.prompt import encode_prompt
 
 AED_MODELS = ["tiny_canary2", "tiny_canary2_unified"]
 
@@ -92,7 +95,8 @@ def test_transcribe_runs_match_nemo(name):
         if "decodercontext" in kwargs:
             continue  # see test_decodercontext_is_used
         audio = str(FIXTURES / run["audio"]) if isinstance(run["audio"], str) else [str(FIXTURES / a) for a in run["audio"]]
-        hyps = model.transcribe(audio, batch_size=4, return_nbest=True, **kwargs)
+        # NeMo decodes long files whole unless a CTC aligner is packed (these models have none)
+        hyps = model.transcribe(audio, batch_size=4, return_nbest=True, enable_chunking=False, **kwargs)
         assert len(hyps) == len(run["hyps"]), run["name"]
         for hyp, ref in zip(hyps, run["hyps"]):
             assert hyp.y_sequence == ref["y_sequence"], run["name"]
@@ -116,18 +120,20 @@ def test_decodercontext_is_used(name):
     context = kwargs.pop("decodercontext")
     without = model.transcribe(audio, **kwargs)
     assert [h.y_sequence for h in without] == [r["y_sequence"] for r in run["hyps"]]
-    from serinus.transcribe import collect_items, _prepare_prompt
-
-    item = collect_items(audio[:1])[0]
-    _prepare_prompt(model, item, {**{k: v for k, v in kwargs.items() if k in ("source_lang", "target_lang", "pnc")},
-                                  "decodercontext": context}, False)
-    prompts = json.loads((REFERENCE / name / "prompts.json").read_text())["user_turn_cases"]
-    expected = next(c for c in prompts if c["name"] == "asr_en_ctx")
-    if kwargs.get("pnc") == "no":
-        expected_ids = list(expected["context_ids"])
-        pnc_pos = expected["pieces"].index("<|pnc|>")
-        expected_ids[pnc_pos] = model.tokenizer.token_to_id("<|nopnc|>")
-        assert item.prompt == expected_ids
+    # with context: the prompt holds it (ids as NeMo's prompt encoder gives them) ...
+    slots = {"source_lang": "en", "target_lang": "en", "pnc": kwargs["pnc"], "decodercontext": context}
+    prompt = encode_prompt(model.tokenizer, model.cfg.prompt_format, slots)
+    cases = json.loads((REFERENCE / name / "prompts.json").read_text())["user_turn_cases"]
+    expected = next(c for c in cases if c["name"] == "asr_en_ctx")["context_ids"]
+    pnc_token = model.tokenizer.token_to_id("<|pnc|>" if kwargs["pnc"] == "yes" else "<|nopnc|>")
+    assert prompt == [pnc_token if t == model.tokenizer.token_to_id("<|pnc|>") else t for t in expected]
+    # ... and transcribe() decodes with exactly that prompt
+    with_context = model.transcribe(audio[:2], decodercontext=context, **kwargs)
+    audio_t = torch.from_numpy(load_audio(audio[0]))[None]
+    states, mask, enc_len = model.encode(audio_t, torch.tensor([audio_t.shape[1]]))
+    limits = max_new_tokens(enc_len, len(prompt), model.cfg.decoding.__class__(max_generation_delta=-1), 1024)
+    ids = greedy_decode(model.decoder, states, mask, torch.tensor([prompt]), limits, model.tokenizer.eos_id)[0]
+    assert with_context[0].y_sequence == ids
 
 
 def test_results_do_not_depend_on_batch():
@@ -156,3 +162,13 @@ def test_mixed_prompts_in_one_batch():
     ast = model.transcribe([str(AUDIO / "en_01.wav")], target_lang="de", beam_size=1)[0]
     assert mixed[0].y_sequence == asr.y_sequence
     assert mixed[1].y_sequence == ast.y_sequence
+
+
+@pytest.mark.parametrize("name,params_m", [("canary-180m-flash", 182), ("canary-1b-flash", 883), ("canary-1b-v2", 978)])
+def test_presets_have_the_released_sizes(name, params_m):
+    vocab = 16384 if name == "canary-1b-v2" else 5248
+    with torch.device("meta"):
+        model = _Model(preset_config(name, vocab))
+    millions = sum(p.numel() for p in model.parameters()) / 1e6
+    assert abs(millions - params_m) / params_m < 0.03, millions
+    assert set(PRESETS) == {"canary-180m-flash", "canary-1b-flash", "canary-1b", "canary-1b-v2"}
