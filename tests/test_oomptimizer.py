@@ -45,11 +45,11 @@ def test_cli_prints_bucket_batch_size(tmp_path):
     path.write_text(yaml.safe_dump({"model": cfg}))
     out = subprocess.run(
         [sys.executable, "-m", "serinus.cli", "oomptimize", "--config", str(path), "--buckets", "[[1.0, 8], [2.0, 16]]",
-         "--device", "cpu", "--memory-gib", "64"],
+         "--device", "cpu", "--memory-gib", "64", "--max-batch", "4"],
         capture_output=True, text=True, timeout=600,
     )
     assert out.returncode == 0, out.stderr
-    assert "bucket_batch_size:" in out.stdout
+    assert "bucket_batch_size: [4, 4]" in out.stdout  # everything fits 64 GiB up to the cap
 
 
 def test_bad_buckets_argument():

@@ -146,7 +146,7 @@ def largest_batch(model, duration: float, tokens: int, device: str, budget_gib: 
 
 
 def oomptimize(model: CanaryModel, buckets: list[list[float]], device: str = "cpu", memory_gib: float | None = None,
-               memory_fraction: float = 0.9, log=print) -> list[int]:
+               memory_fraction: float = 0.9, max_batch: int = 4096, log=print) -> list[int]:
     """`bucket_batch_size` for `buckets` ([[max_duration, max_tokens], ...])."""
     if device == "cpu":
         if memory_gib is None:
@@ -159,7 +159,7 @@ def oomptimize(model: CanaryModel, buckets: list[list[float]], device: str = "cp
     sizes = []
     for duration, tokens in buckets:
         log(f"bucket [{duration} s, {int(tokens)} tokens], budget {budget:.2f} GiB")
-        best, _ = largest_batch(model, float(duration), int(tokens), device, budget, log=log)
+        best, _ = largest_batch(model, float(duration), int(tokens), device, budget, max_batch=max_batch, log=log)
         sizes.append(best)
     return sizes
 
@@ -194,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--memory-gib", type=float, help="memory budget in GiB (required on CPU)")
     parser.add_argument("--memory-fraction", type=float, default=0.9, help="GPU: fraction of device memory (default 0.9)")
+    parser.add_argument("--max-batch", type=int, default=4096, help="largest batch size to try (default 4096)")
     args = parser.parse_args(argv)
     try:
         buckets = json.loads(args.buckets)
@@ -203,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--buckets must be a JSON list of [max_duration, max_tokens] pairs, got {args.buckets!r}")
     try:
         model = _load_model_for(args)
-        sizes = oomptimize(model, buckets, args.device, args.memory_gib, args.memory_fraction,
+        sizes = oomptimize(model, buckets, args.device, args.memory_gib, args.memory_fraction, args.max_batch,
                            log=lambda m: print(m, file=sys.stderr))
     except ValueError as e:
         print(f"serinus oomptimize: {e}", file=sys.stderr)
