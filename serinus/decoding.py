@@ -51,6 +51,7 @@ class Hypothesis:
     timestamp: dict = field(default_factory=dict)
     nbest: list["Hypothesis"] = field(default_factory=list)
     error: str | None = None  # set when this item could not be processed
+    warnings: list[str] = field(default_factory=list)  # e.g. words left without timestamps, and why
 
     def __repr__(self) -> str:
         return f"Hypothesis(text={self.text!r}, score={self.score:.4f}, tokens={len(self.y_sequence)})"

@@ -418,13 +418,14 @@ def merge_hour_results(
     texts: Sequence[str],
     timestamps: Sequence[dict | None] | None = None,
     window_seconds: int = 3600,
-    subsampling_factor: int = 8,
+    frame_seconds: float = 0.08,
 ) -> tuple[str, dict[str, list[dict]] | None]:
     """NeMo's `merge_hypotheses_of_same_audio` for the hour windows <id>-0, <id>-1, ... of one file.
 
     Texts are stripped and joined with a space (empty ones skipped). Word/segment items of window k get
-    start/end += k * window_seconds and offsets += int(k * window_seconds * 1000 / subsampling_factor), both
-    only when not -1. (That offset is NeMo's: with 80 ms frames 3600 s is really 45000 frames, not 450000.)
+    start/end += k * window_seconds and offsets += the frames in k windows, both only when not -1.
+    (NeMo shifts offsets by int(k * 3600 * 1000 / subsampling) = 450000 frames an hour, 10x the real
+    45000 frames of 80 ms; we give the real frame index, so start == start_offset * frame_seconds.)
     Concatenating y_sequences is left to the caller.
     """
     text = " ".join(t.strip() for t in texts if t)
@@ -435,7 +436,7 @@ def merge_hour_results(
         if not ts:
             continue
         seconds = k * window_seconds
-        frames = int(seconds * 1000 / subsampling_factor)
+        frames = round(seconds / frame_seconds)
         for key in ("word", "segment"):
             for item in ts.get(key) or []:
                 item = dict(item)

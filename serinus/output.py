@@ -54,6 +54,8 @@ def jsonl_record(item, hyp) -> dict:
     for key in ("word", "segment"):
         if hyp.timestamp and hyp.timestamp.get(key) is not None:
             record[key] = hyp.timestamp[key]
+    if hyp.warnings:
+        record["warnings"] = hyp.warnings
     return record
 
 

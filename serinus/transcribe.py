@@ -799,8 +799,14 @@ def merge_chunks(model, piece: ChunkedPiece, method: str, use_aligner: bool, fra
 def _merge_aligned(model, piece: ChunkedPiece) -> Hypothesis:
     """canary-1b-v2 with timestamps, as NeMo: each chunk force-aligned at token ('char') level,
     the aligned tokens LCS-merged, the chunks' char times shifted and stitched into words and
-    segments (serinus.longform)."""
+    segments (serinus.longform).
+
+    NeMo merges the aligner's tokens, so a chunk whose alignment was skipped (more tokens than
+    CTC frames) drops out of its text. We keep that text: the text comes from the decoder's own
+    tokens (the merge NeMo does without timestamps), its words get the times of the aligned
+    words they match, the others none, and `hyp.warnings` says so."""
     hyps = piece.hyps
+    texts = [h.text for h in hyps]
     add_aligner_timestamps(model, [u.samples for u in piece.units], hyps, timestamp_type="char")
     chars = [list((h.timestamp or {}).get("char") or []) for h in hyps]
     merged = longform.merge_chunk_tokens([[c["token_id"] for c in cs] for cs in chars],
@@ -808,8 +814,34 @@ def _merge_aligned(model, piece: ChunkedPiece) -> Hypothesis:
     timestamp = longform.merge_chunk_timestamps(
         chars, [u.encoded_len for u in piece.units], merged, _piece_decoder(model.tokenizer),
         model.cfg.encoder.subsampling_factor, model.cfg.features.window_stride)
-    return Hypothesis(text=model.tokenizer.ids_to_text(merged).strip(),
-                      y_sequence=[t for h in hyps for t in h.y_sequence], score=0.0, timestamp=timestamp)
+    y_sequence = [t for h in hyps for t in h.y_sequence]
+    skipped = [k for k, (text, cs) in enumerate(zip(texts, chars)) if text.strip() and not cs]
+    if not skipped:
+        return Hypothesis(text=model.tokenizer.ids_to_text(merged).strip(), y_sequence=y_sequence, score=0.0,
+                          timestamp=timestamp)
+    tokens = longform.merge_chunk_tokens([h.y_sequence for h in hyps], model.cfg.encoder.subsampling_factor)
+    text = model.tokenizer.ids_to_text(tokens).strip()
+    words = _times_for_words(text.split(), timestamp["word"])
+    missing = sum(w["start"] is None for w in words)
+    hyp = Hypothesis(text=text, y_sequence=y_sequence, score=0.0,
+                     timestamp={"word": words, "segment": segments_from_words(words)})
+    hyp.warnings.append(
+        f"{missing} word(s) have no timestamps: chunk(s) {', '.join(map(str, skipped))} held more tokens than "
+        "the aligner has frames, so they could not be aligned (NeMo drops their text; it is kept here)")
+    return hyp
+
+
+def _times_for_words(words: list[str], timed: list[dict]) -> list[dict]:
+    """Give each word of the text the times of the aligned word it matches (in order); a word
+    with no aligned counterpart gets None for its times."""
+    from difflib import SequenceMatcher
+
+    out = [{"word": w, "start_offset": None, "end_offset": None, "start": None, "end": None} for w in words]
+    matcher = SequenceMatcher(a=words, b=[t["word"] for t in timed], autojunk=False)
+    for block in matcher.get_matching_blocks():
+        for i in range(block.size):
+            out[block.a + i] = dict(timed[block.b + i])
+    return out
 
 
 def _piece_decoder(tokenizer) -> Callable[[list[str]], str]:
@@ -832,6 +864,9 @@ def _merge_by_time(model, piece: ChunkedPiece) -> Hypothesis:
                      start_offset=w["start_offset"] + unit.start // frame_samples,
                      end_offset=w["end_offset"] + unit.start // frame_samples)
             if lo <= (w["start"] + w["end"]) / 2 < hi:
+                if words and w["start"] < words[-1]["end"]:  # keep times monotonic across the seam
+                    w["start"], w["start_offset"] = words[-1]["end"], words[-1]["end_offset"]
+                    w["end"], w["end_offset"] = max(w["end"], w["start"]), max(w["end_offset"], w["start_offset"])
                 words.append(w)
     segments = segments_from_words(words) if words else []
     return Hypothesis(text=" ".join(w["word"] for w in words), y_sequence=[t for h in piece.hyps for t in h.y_sequence],
@@ -845,7 +880,7 @@ def join_segments(model, segments: list[Hypothesis]) -> Hypothesis:
         return segments[0]
     timestamps = [h.timestamp for h in segments] if any(h.timestamp for h in segments) else None
     text, timestamp = longform.merge_hour_results([h.text for h in segments], timestamps, HOUR_SECONDS,
-                                                  model.cfg.encoder.subsampling_factor)
+                                                  model.frame_seconds)
     return Hypothesis(text=text, y_sequence=[t for h in segments for t in h.y_sequence], score=0.0,
                       timestamp=timestamp or {})
 
@@ -1011,6 +1046,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"serinus transcribe: failed: {error}", file=sys.stderr)
         else:
             n_done += 1
+            for warning in hyp.warnings:
+                print(f"serinus transcribe: warning: {item.name}: {warning}", file=sys.stderr)
 
     try:
         transcribe(model, todo, batch_size=args.batch_size, source_lang=args.source_lang,

@@ -178,8 +178,8 @@ def test_split_hours_and_hour_merge():
     text, ts = longform.merge_hour_results([" one ", "", "two"], [{"word": [w], "segment": []}, {},
                                                                   {"word": [w, unseen], "segment": []}])
     assert text == "one two"
-    # NeMo's shift: k*3600 s and int(k*3600*1000/8) frames (its frame count, not 80 ms frames)
-    assert ts["word"][1] == {"word": "hi", "start_offset": 900001, "end_offset": 900002, "start": 7200.08,
+    # k*3600 s and k*45000 frames of 80 ms (NeMo shifts offsets by 450000 an hour, 10x too many)
+    assert ts["word"][1] == {"word": "hi", "start_offset": 90001, "end_offset": 90002, "start": 7200.08,
                              "end": 7200.16}
     assert ts["word"][2] == unseen and ts["word"][0] == w
     assert longform.merge_hour_results(["a"], None) == ("a", None)
