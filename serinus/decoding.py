@@ -83,9 +83,11 @@ def greedy_decode(
     prompts: Tensor,
     limits: list[int],
     eos_id: int,
+    vocab_size: int | None = None,
 ) -> list[list[int]]:
     """encoder_states [B, T, D], encoder_mask [B, T] bool, prompts [B, P] (same length) ->
-    generated ids per item (EOS excluded)."""
+    generated ids per item (EOS excluded). `vocab_size`: ids at or above it (the padding of the
+    output layer to a multiple of 8) are never chosen."""
     batch, prompt_len = prompts.shape
     cross_kv = decoder.cross_kv(encoder_states)
     cross_mask = additive_mask(encoder_mask[:, None, None, :], encoder_states.dtype)
@@ -95,7 +97,7 @@ def greedy_decode(
     limits_t = torch.tensor(limits, device=prompts.device)
     tokens, start = prompts, 0
     for step in range(max(limits, default=0)):
-        log_probs = decoder.step(tokens, start, cross_kv, cross_mask, caches)
+        log_probs = _mask_padding(decoder.step(tokens, start, cross_kv, cross_mask, caches), vocab_size)
         next_tokens = log_probs.argmax(dim=-1)  # [b]
         start += tokens.shape[1]
         finished = next_tokens == eos_id
@@ -124,6 +126,7 @@ def beam_search(
     pad_id: int,
     beam_size: int,
     length_penalty: float = 0.0,
+    vocab_size: int | None = None,
 ) -> list[list[tuple[list[int], float]]]:
     """NeMo's beam search. Returns, per item, the beams as (ids without EOS/pad, score) sorted
     best first; the score is the sum of token log-probs (NeMo's returned beam score)."""
@@ -137,7 +140,7 @@ def beam_search(
     cross_kv = decoder.cross_kv(encoder_states)
     cross_mask = additive_mask(encoder_mask[:, None, None, :], encoder_states.dtype)
     caches = [{} for _ in decoder.blocks]
-    log_probs = decoder.step(prompts, 0, cross_kv, cross_mask, caches)  # [B, V]
+    log_probs = _mask_padding(decoder.step(prompts, 0, cross_kv, cross_mask, caches), vocab_size)  # [B, V]
     scores, first = log_probs.topk(k, dim=-1)  # [B, k]
     scores, generated = scores.reshape(-1, 1), first.reshape(-1, 1)  # [B*k, 1]
     rows = torch.arange(batch, device=device).repeat_interleave(k)
@@ -153,7 +156,8 @@ def beam_search(
     for step in range(1, max(limits, default=1)):
         if pad_profile.sum() == batch * k:
             break
-        log_probs = decoder.step(generated[:, -1:], prompt_len + step - 1, cross_kv, cross_mask, caches)
+        log_probs = _mask_padding(
+            decoder.step(generated[:, -1:], prompt_len + step - 1, cross_kv, cross_mask, caches), vocab_size)
         scores_i, tokens_i = log_probs.topk(k, dim=-1)  # [B*k, k]
         pad_mask = pad_profile.repeat(1, k)
         tokens_i = pad_id * pad_mask + tokens_i * (1 - pad_mask)
@@ -180,6 +184,13 @@ def beam_search(
             beams.append((_strip_after_eos(generated[b * k + j].tolist(), eos_id, pad_id), float(scores[b * k + j])))
         out.append(beams)
     return out
+
+
+def _mask_padding(log_probs: Tensor, vocab_size: int | None) -> Tensor:
+    """Rule out the output rows that pad the vocabulary to a multiple of 8 (no token has them)."""
+    if vocab_size is not None and vocab_size < log_probs.shape[-1]:
+        log_probs[:, vocab_size:] = float("-inf")
+    return log_probs
 
 
 def _strip_after_eos(ids: list[int], eos_id: int, pad_id: int) -> list[int]:

@@ -712,12 +712,13 @@ def decode_units(model, units: list[Unit], decoding: DecodingConfig, encode_rows
             prompts = torch.tensor([units[i].prompt for i in group], device=states.device)
             limits = max_new_tokens(enc_lengths[index], prompt_len, decoding, model.cfg.decoder.max_sequence_length)
             if decoding.beam_size == 1:
-                outputs = greedy_decode(model.decoder, states[index], mask[index], prompts, limits, tok.eos_id)
+                outputs = greedy_decode(model.decoder, states[index], mask[index], prompts, limits, tok.eos_id,
+                                        tok.vocab_size)
                 for row, ids in zip(group, outputs):
                     hyps[row] = Hypothesis(y_sequence=_strip_pad(ids, tok.pad_id))
             else:
                 outputs = beam_search(model.decoder, states[index], mask[index], prompts, limits, tok.eos_id,
-                                      tok.pad_id, decoding.beam_size, decoding.length_penalty)
+                                      tok.pad_id, decoding.beam_size, decoding.length_penalty, tok.vocab_size)
                 for row, beams in zip(group, outputs):
                     best_ids, best_score = beams[0]
                     hyp = Hypothesis(y_sequence=best_ids, score=best_score)

@@ -172,3 +172,17 @@ def test_presets_have_the_released_sizes(name, params_m):
     millions = sum(p.numel() for p in model.parameters()) / 1e6
     assert abs(millions - params_m) / params_m < 0.03, millions
     assert set(PRESETS) == {"canary-180m-flash", "canary-1b-flash", "canary-1b", "canary-1b-v2"}
+
+
+def test_padding_rows_of_the_output_layer_are_never_chosen():
+    """The unified model's decoder has 1536 outputs for 1535 tokens; even if the padding row
+    scores highest, decoding must not emit it."""
+    model = CanaryModel.from_pretrained(FIXTURES / "tiny_canary2_unified.nemo")
+    vocab = model.tokenizer.vocab_size
+    assert model.cfg.decoder.vocab_size > vocab
+    with torch.no_grad():
+        model.decoder.head_bias[vocab:] = 1e4  # make the padding row win every argmax
+    for beam in (1, 3):
+        hyp = model.transcribe([str(AUDIO / "en_01.wav")], beam_size=beam, max_generation_delta=5)[0]
+        assert hyp.error is None
+        assert all(t < vocab for t in hyp.y_sequence)
