@@ -204,6 +204,7 @@ class Writer:
 class _Empty:
     text = ""
     timestamp: dict = {}
+    warnings: list = []
 
 
 def open_writer(path: str | None, fmt: str, items: list, resume: bool = False) -> Writer:
