@@ -50,10 +50,23 @@ def main():
         monotonic = all(a["start"] <= b["start"] and a["end"] <= b["start"] + 1e-9 for a, b in zip(words, words[1:]))
         rows.append((entry["utt_id"], len(audio) / 16000, len(words), start_err.mean(), end_err.mean(),
                      np.median(start_err), monotonic, t1 - t0, t2 - t1))
+    print("Forced alignment of the reference transcript (serinus align):")
     print(f"{'recording':<22} {'sec':>6} {'words':>5} {'mean|start|':>11} {'mean|end|':>9} {'med|start|':>10} "
           f"{'monotonic':>9} {'ctc fwd s':>9} {'viterbi s':>9}")
     for r in rows:
         print(f"{r[0]:<22} {r[1]:6.1f} {r[2]:5d} {r[3]:11.3f} {r[4]:9.3f} {r[5]:10.3f} {str(r[6]):>9} {r[7]:9.3f} {r[8]:9.3f}")
+
+    print("\ntranscribe(timestamps=True) on the same recordings (chunked; the model's own text):")
+    entries = [json.loads(line) for line in open(args.manifest)]
+    paths = [str(Path(args.manifest).parent / e["audio_filepath"]) for e in entries]
+    hyps = model.transcribe(paths, timestamps=True, source_lang=entries[0]["source_lang"], batch_size=1)
+    print(f"{'recording':<22} {'words':>5} {'words == text':>13} {'monotonic':>9} {'timed':>6}")
+    for entry, hyp in zip(entries, hyps):
+        words = hyp.timestamp["word"]
+        timed = [w for w in words if w["start"] is not None]
+        agree = [w["word"] for w in words] == hyp.text.split()
+        monotonic = all(a["start"] <= a["end"] <= b["start"] + 1e-9 for a, b in zip(timed, timed[1:]))
+        print(f"{entry['utt_id']:<22} {len(words):5d} {str(agree):>13} {str(monotonic):>9} {len(timed):6d}")
 
 
 if __name__ == "__main__":
