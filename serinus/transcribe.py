@@ -672,14 +672,6 @@ def collate(samples: list[np.ndarray], device, length: int | None = None) -> tup
     return batch.to(device), lengths.to(device)
 
 
-def _autocast(model):
-    """Weights in bfloat16/float16: run under autocast, so the float32 features meet them."""
-    dtype = next(model.encoder.parameters()).dtype
-    if dtype == torch.float32:
-        return torch.autocast("cpu", enabled=False)
-    return torch.autocast(model.device.type, dtype=dtype)
-
-
 @torch.inference_mode()
 def decode_units(model, units: list[Unit], decoding: DecodingConfig, encode_rows: int | None = None) -> list[Hypothesis]:
     """Encode one batch and decode every row with its own prompt. Rows whose prompts differ
@@ -690,41 +682,40 @@ def decode_units(model, units: list[Unit], decoding: DecodingConfig, encode_rows
     features in memory at once; the decoder then sees all rows as one batch."""
     rows = encode_rows or len(units)
     longest = max(len(u.samples) for u in units)
-    with _autocast(model):
-        parts = []
-        for start in range(0, len(units), rows):
-            audio, lengths = collate([u.samples for u in units[start : start + rows]], model.device, longest)
-            parts.append(model.encode(audio, lengths))
-            del audio
-        states = torch.cat([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
-        mask = torch.cat([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
-        enc_lengths = torch.cat([p[2] for p in parts]) if len(parts) > 1 else parts[0][2]
-        del parts
-        for unit, n in zip(units, enc_lengths.tolist()):
-            unit.encoded_len = int(n)
-        tok = model.tokenizer
-        hyps: list[Hypothesis | None] = [None] * len(units)
-        groups: dict[int, list[int]] = {}
-        for i, unit in enumerate(units):
-            groups.setdefault(len(unit.prompt), []).append(i)
-        for prompt_len, group in groups.items():
-            index = torch.tensor(group, device=states.device)
-            prompts = torch.tensor([units[i].prompt for i in group], device=states.device)
-            limits = max_new_tokens(enc_lengths[index], prompt_len, decoding, model.cfg.decoder.max_sequence_length)
-            if decoding.beam_size == 1:
-                outputs = greedy_decode(model.decoder, states[index], mask[index], prompts, limits, tok.eos_id,
-                                        tok.vocab_size)
-                for row, ids in zip(group, outputs):
-                    hyps[row] = Hypothesis(y_sequence=_strip_pad(ids, tok.pad_id))
-            else:
-                outputs = beam_search(model.decoder, states[index], mask[index], prompts, limits, tok.eos_id,
-                                      tok.pad_id, decoding.beam_size, decoding.length_penalty, tok.vocab_size)
-                for row, beams in zip(group, outputs):
-                    best_ids, best_score = beams[0]
-                    hyp = Hypothesis(y_sequence=best_ids, score=best_score)
-                    if decoding.return_nbest:
-                        hyp.nbest = [Hypothesis(y_sequence=ids, score=score) for ids, score in beams]
-                    hyps[row] = hyp
+    parts = []
+    for start in range(0, len(units), rows):
+        audio, lengths = collate([u.samples for u in units[start : start + rows]], model.device, longest)
+        parts.append(model.encode(audio, lengths))
+        del audio
+    states = torch.cat([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
+    mask = torch.cat([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
+    enc_lengths = torch.cat([p[2] for p in parts]) if len(parts) > 1 else parts[0][2]
+    del parts
+    for unit, n in zip(units, enc_lengths.tolist()):
+        unit.encoded_len = int(n)
+    tok = model.tokenizer
+    hyps: list[Hypothesis | None] = [None] * len(units)
+    groups: dict[int, list[int]] = {}
+    for i, unit in enumerate(units):
+        groups.setdefault(len(unit.prompt), []).append(i)
+    for prompt_len, group in groups.items():
+        index = torch.tensor(group, device=states.device)
+        prompts = torch.tensor([units[i].prompt for i in group], device=states.device)
+        limits = max_new_tokens(enc_lengths[index], prompt_len, decoding, model.cfg.decoder.max_sequence_length)
+        if decoding.beam_size == 1:
+            outputs = greedy_decode(model.decoder, states[index], mask[index], prompts, limits, tok.eos_id,
+                                    tok.vocab_size)
+            for row, ids in zip(group, outputs):
+                hyps[row] = Hypothesis(y_sequence=_strip_pad(ids, tok.pad_id))
+        else:
+            outputs = beam_search(model.decoder, states[index], mask[index], prompts, limits, tok.eos_id,
+                                  tok.pad_id, decoding.beam_size, decoding.length_penalty, tok.vocab_size)
+            for row, beams in zip(group, outputs):
+                best_ids, best_score = beams[0]
+                hyp = Hypothesis(y_sequence=best_ids, score=best_score)
+                if decoding.return_nbest:
+                    hyp.nbest = [Hypothesis(y_sequence=ids, score=score) for ids, score in beams]
+                hyps[row] = hyp
     for hyp in hyps:
         hyp.text = tok.ids_to_text(hyp.y_sequence)
         for h in hyp.nbest:

@@ -197,7 +197,7 @@ def test_invalid_call_options_raise_once(model):
         tr.transcribe(model, str(AUDIO / "en_01.wav"), chunk_merge="best")
 
 
-def test_half_precision_weights_run_under_autocast(tmp_path):
+def test_half_precision_weights_run(tmp_path):
     model = CanaryModel.from_pretrained(FIXTURES / "tiny_canary2.nemo").to(torch.bfloat16)
     hyp = model.transcribe(str(AUDIO / "en_01.wav"))[0]
     assert hyp.error is None
