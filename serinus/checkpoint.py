@@ -244,7 +244,8 @@ def save_model(model, out_dir: str | os.PathLike) -> Path:
     if model.aligner_tokenizer is not None:
         config["aligner_tokenizer"] = model.aligner_tokenizer.save(out / "aligner_tokenizer")
     (out / OWN_CONFIG).write_text(json.dumps(config, indent=2))
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    # clone: tied or shared parameters (e.g. shared position biases) are stored once per name
+    state = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out / OWN_WEIGHTS))
     return out
 

@@ -123,3 +123,36 @@ def test_import_is_light():
     code = "import sys, serinus; bad = [m for m in ('lhotse', 'omegaconf', 'jiwer', 'sacrebleu') if m in sys.modules]; print(bad)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+def test_shared_position_biases_load_as_nemo_stores_them(tmp_path):
+    """untie_biases=False: NeMo shares one pair of rel-pos biases, listed under every layer."""
+    import yaml
+
+    with tarfile.open(FIXTURES / "tiny_canary2.nemo") as src:
+        members = [(m, src.extractfile(m).read() if m.isfile() else None) for m in src.getmembers()]
+    shared_u = None
+    for i, (info, data) in enumerate(members):
+        if info.name.endswith("model_config.yaml"):
+            cfg = yaml.safe_load(data)
+            cfg["encoder"]["untie_biases"] = False
+            data = yaml.safe_dump(cfg).encode()
+        elif info.name.endswith("model_weights.ckpt"):
+            state = torch.load(io.BytesIO(data), weights_only=True)
+            shared_u = state["encoder.layers.0.self_attn.pos_bias_u"]
+            for key in list(state):
+                if key.endswith("pos_bias_u"):
+                    state[key] = shared_u
+                elif key.endswith("pos_bias_v"):
+                    state[key] = state["encoder.layers.0.self_attn.pos_bias_v"]
+            buf = io.BytesIO()
+            torch.save(state, buf)
+            data = buf.getvalue()
+        info.size = len(data) if data is not None else 0
+        members[i] = (info, data)
+    model = load_model(_tar(tmp_path / "shared.nemo", members))
+    assert model.encoder.layers[1].self_attn.pos_bias_u is model.encoder.layers[0].self_attn.pos_bias_u
+    assert torch.equal(model.encoder.layers[1].self_attn.pos_bias_u, shared_u)
+    model.save_pretrained(tmp_path / "saved")
+    again = CanaryModel.from_pretrained(tmp_path / "saved")
+    assert torch.equal(again.encoder.layers[1].self_attn.pos_bias_u, shared_u)

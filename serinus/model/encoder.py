@@ -141,7 +141,7 @@ def rel_shift(x: Tensor) -> Tensor:
 
 
 class RelPositionMultiHeadAttention(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, use_bias: bool, untie_biases: bool, dropout: float):
+    def __init__(self, d_model: int, n_heads: int, use_bias: bool, dropout: float):
         super().__init__()
         self.n_heads, self.d_head = n_heads, d_model // n_heads
         self.linear_q = nn.Linear(d_model, d_model, bias=use_bias)
@@ -149,17 +149,16 @@ class RelPositionMultiHeadAttention(nn.Module):
         self.linear_v = nn.Linear(d_model, d_model, bias=use_bias)
         self.linear_out = nn.Linear(d_model, d_model, bias=use_bias)
         self.linear_pos = nn.Linear(d_model, d_model, bias=False)
-        if untie_biases:  # otherwise the encoder owns one pair shared by all layers
-            self.pos_bias_u = nn.Parameter(torch.zeros(n_heads, self.d_head))
-            self.pos_bias_v = nn.Parameter(torch.zeros(n_heads, self.d_head))
+        # position biases; with untie_biases=False the encoder makes all layers share one pair
+        self.pos_bias_u = nn.Parameter(torch.zeros(n_heads, self.d_head))
+        self.pos_bias_v = nn.Parameter(torch.zeros(n_heads, self.d_head))
         self.dropout = dropout
 
-    def forward(self, x: Tensor, pos_emb: Tensor, mask: Tensor, pos_bias_u=None, pos_bias_v=None) -> Tensor:
+    def forward(self, x: Tensor, pos_emb: Tensor, mask: Tensor) -> Tensor:
         # x: [B, T, D]; pos_emb: [1, 2T-1, D]; mask: [B, 1, T, T] bool, True = may attend
         b, t, _ = x.shape
         h, d = self.n_heads, self.d_head
-        u = self.pos_bias_u if pos_bias_u is None else pos_bias_u
-        v = self.pos_bias_v if pos_bias_v is None else pos_bias_v
+        u, v = self.pos_bias_u, self.pos_bias_v
         q = self.linear_q(x).view(b, t, h, d)
         k = self.linear_k(x).view(b, t, h, d).transpose(1, 2)
         val = self.linear_v(x).view(b, t, h, d).transpose(1, 2)
@@ -226,15 +225,15 @@ class ConformerLayer(nn.Module):
         self.norm_conv = nn.LayerNorm(d)
         self.conv = ConvModule(d, cfg.conv_kernel_size, cfg.conv_norm_type, cfg.use_bias)
         self.norm_self_att = nn.LayerNorm(d)
-        self.self_attn = RelPositionMultiHeadAttention(d, cfg.n_heads, cfg.use_bias, cfg.untie_biases, cfg.dropout_att)
+        self.self_attn = RelPositionMultiHeadAttention(d, cfg.n_heads, cfg.use_bias, cfg.dropout_att)
         self.norm_feed_forward2 = nn.LayerNorm(d)
         self.feed_forward2 = FeedForward(d, ff, cfg.use_bias, cfg.dropout)
         self.norm_out = nn.LayerNorm(d)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, pos_emb, att_mask, valid, pos_bias_u=None, pos_bias_v=None) -> Tensor:
+    def forward(self, x, pos_emb, att_mask, valid) -> Tensor:
         x = x + 0.5 * self.dropout(self.feed_forward1(self.norm_feed_forward1(x)))
-        x = x + self.dropout(self.self_attn(self.norm_self_att(x), pos_emb, att_mask, pos_bias_u, pos_bias_v))
+        x = x + self.dropout(self.self_attn(self.norm_self_att(x), pos_emb, att_mask))
         x = x + self.dropout(self.conv(self.norm_conv(x), valid))
         x = x + 0.5 * self.dropout(self.feed_forward2(self.norm_feed_forward2(x)))
         return self.norm_out(x)
@@ -246,10 +245,10 @@ class ConformerEncoder(nn.Module):
         self.cfg = cfg
         self.pre_encode = ConvSubsampling(cfg)
         self.layers = nn.ModuleList([ConformerLayer(cfg) for _ in range(cfg.n_layers)])
-        if not cfg.untie_biases:
-            d_head = cfg.d_model // cfg.n_heads
-            self.pos_bias_u = nn.Parameter(torch.zeros(cfg.n_heads, d_head))
-            self.pos_bias_v = nn.Parameter(torch.zeros(cfg.n_heads, d_head))
+        if not cfg.untie_biases:  # one pair of position biases, shared (NeMo lists it under every layer)
+            for layer in self.layers[1:]:
+                layer.self_attn.pos_bias_u = self.layers[0].self_attn.pos_bias_u
+                layer.self_attn.pos_bias_v = self.layers[0].self_attn.pos_bias_v
         self.dropout_pre_encoder = nn.Dropout(cfg.dropout_pre_encoder)
         self.dropout_emb = nn.Dropout(cfg.dropout_emb)
 
@@ -264,7 +263,6 @@ class ConformerEncoder(nn.Module):
         pos_emb = self.dropout_emb(relative_positions(t, self.cfg.d_model, x.device, x.dtype))
         valid = time_mask(lengths, t)  # [B, T']
         att_mask = (valid[:, :, None] & valid[:, None, :]).unsqueeze(1)  # [B, 1, T', T']
-        shared = (None, None) if self.cfg.untie_biases else (self.pos_bias_u, self.pos_bias_v)
         for layer in self.layers:
-            x = layer(x, pos_emb, att_mask, valid, *shared)
+            x = layer(x, pos_emb, att_mask, valid)
         return x.transpose(1, 2), lengths
