@@ -100,32 +100,42 @@ class Chunks:
     chunk_size: int
 
 
+def chunk_spans(total: int, chunk_size: int | None = None, overlap: int = SAMPLE_RATE,
+                sr: int = SAMPLE_RATE) -> list[tuple[int, int]]:
+    """(start, valid length) of each chunk of `total` samples, as NeMo's `_chunk_waveform` cuts
+    them: chunks of `chunk_size` samples (default: find_chunk_size) every chunk_size - overlap
+    samples, while a chunk would start more than `overlap` before the end. One span when the
+    audio fits one chunk."""
+    if chunk_size is None:
+        chunk_size = find_chunk_size(total, sr=sr, overlap_sec=overlap / sr)
+    if chunk_size >= total:
+        return [(0, total)]
+    step = chunk_size - overlap
+    if step <= 0:
+        raise ValueError(f"chunk_size ({chunk_size}) must be larger than the overlap ({overlap})")
+    spans, start = [], 0
+    while start + overlap < total:
+        spans.append((start, min(chunk_size, total - start)))
+        start += step
+    return spans
+
+
 def chunk_waveform(
     samples,
     chunk_size: int | None = None,
     overlap: int = SAMPLE_RATE,
     sr: int = SAMPLE_RATE,
 ) -> Chunks:
-    """NeMo's `_chunk_waveform`: chunks of `chunk_size` samples (default: find_chunk_size) every
-    chunk_size - overlap samples, while a chunk would start more than `overlap` before the end."""
+    """NeMo's `_chunk_waveform`: the chunks of `chunk_spans`, each zero-padded to the chunk size."""
     total = len(samples)
     if chunk_size is None:
         chunk_size = find_chunk_size(total, sr=sr, overlap_sec=overlap / sr)
     stack = torch.stack if isinstance(samples, torch.Tensor) else np.stack
-    if chunk_size >= total:
+    spans = chunk_spans(total, chunk_size, overlap, sr)
+    if len(spans) == 1 and chunk_size >= total:
         return Chunks(stack([samples]), [total], [0], total)
-    step = chunk_size - overlap
-    if step <= 0:
-        raise ValueError(f"chunk_size ({chunk_size}) must be larger than the overlap ({overlap})")
-    pieces, lengths, starts = [], [], []
-    start = 0
-    while start + overlap < total:
-        piece = samples[start : start + chunk_size]
-        lengths.append(len(piece))
-        starts.append(start)
-        pieces.append(pad_right(piece, chunk_size))
-        start += step
-    return Chunks(stack(pieces), lengths, starts, chunk_size)
+    pieces = [pad_right(samples[start : start + length], chunk_size) for start, length in spans]
+    return Chunks(stack(pieces), [length for _, length in spans], [start for start, _ in spans], chunk_size)
 
 
 def pad_right(samples, size: int):

@@ -309,19 +309,6 @@ def pad_to_min_duration(samples: np.ndarray, seconds: float = MIN_SECONDS, sr: i
     return longform.pad_min_duration(samples, int(seconds * sr))
 
 
-def chunk_spans(total: int, overlap: int = OVERLAP_SAMPLES) -> list[tuple[int, int]]:
-    """(start, length) of each chunk of `total` samples, as NeMo's `_chunk_waveform` cuts them
-    (see `longform.chunk_waveform`), without copying any audio. One span when under 40 s."""
-    size = longform.find_chunk_size(total, overlap_sec=overlap / SAMPLE_RATE)
-    if size >= total:
-        return [(0, total)]
-    spans, start = [], 0
-    while start + overlap < total:
-        spans.append((start, min(size, total - start)))
-        start += size - overlap
-    return spans
-
-
 # -- the main entry point ----------------------------------------------------------------------
 
 def transcribe(
@@ -533,7 +520,7 @@ def plan_pieces(items: list[Item], enable_chunking: bool) -> list[Piece]:
         spans = longform.split_hours(total, HOUR_SECONDS) if enable_chunking else [(0, total)]
         for k, (start, end) in enumerate(spans):
             padded = max(end - start, int(MIN_SECONDS * SAMPLE_RATE))
-            rows = len(chunk_spans(padded)) if enable_chunking else 1
+            rows = len(longform.chunk_spans(padded, overlap=OVERLAP_SAMPLES)) if enable_chunking else 1
             pieces.append(Piece(item, k, start, end, len(spans), enable_chunking, rows))
     pieces.sort(key=lambda p: (-(p.item.num_samples or 0), p.item.index, p.segment))
     return pieces
@@ -559,7 +546,7 @@ def load_piece(piece: Piece) -> list[Unit]:
     """Read a piece's audio, pad it to >= 1 s and cut it into chunk rows (views, no copies)."""
     item = piece.item
     samples = pad_to_min_duration(read_span(item, piece.start, piece.end))
-    spans = chunk_spans(len(samples)) if piece.chunked else [(0, len(samples))]
+    spans = longform.chunk_spans(len(samples), overlap=OVERLAP_SAMPLES) if piece.chunked else [(0, len(samples))]
     return [Unit(item.index, k, samples[s : s + n], item.prompt, piece.segment, s) for k, (s, n) in enumerate(spans)]
 
 

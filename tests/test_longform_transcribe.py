@@ -121,7 +121,7 @@ def seam_kinds(layouts, audios) -> tuple[int, int]:
     """How many chunk seams (overlap middles) fall inside a clip, and how many in a pause."""
     inside = pause = 0
     for spans, audio in zip(layouts, audios):
-        for start, _ in tr.chunk_spans(len(audio))[1:]:
+        for start, _ in longform.chunk_spans(len(audio))[1:]:
             mid = start + SR // 2
             if any(s <= mid < e for _, s, e in spans):
                 inside += 1
@@ -151,7 +151,7 @@ def test_merged_transcript_has_every_word_once(model, clips, tmp_path, monkeypat
     for path_index, audio in enumerate(audios):
         rows = [b for b in fake.batches if any(r[0] == path_index for r in b)]
         assert len(rows) == 1
-        assert [r[3:] for r in rows[0] if r[0] == path_index] == tr.chunk_spans(len(audio))
+        assert [r[3:] for r in rows[0] if r[0] == path_index] == longform.chunk_spans(len(audio))
     if batch_size == 1:
         assert len(fake.batches) == len(paths)
     else:
@@ -222,12 +222,6 @@ def test_two_hour_segments_are_not_read_ahead(model, tmp_path, monkeypatch):
     assert order == [("read", 0), ("decode", 0), ("read", 800_000), ("decode", 1), ("read", 1_600_000), ("decode", 2)]
 
 
-def test_chunk_spans_match_longform_chunk_waveform():
-    for total in [16000, 639_999, 640_000, 1_231_365, 2_078_053, 30 * SR + 5, 3_600 * SR, 5_000_000]:
-        chunks = longform.chunk_waveform(np.zeros(total, dtype=np.float32))
-        assert tr.chunk_spans(total) == list(zip(chunks.starts, chunks.lengths))
-
-
 def test_merge_overlap_cases():
     A = [1, 2, 3, 4, 5, 6]
     assert tr.merge_overlap(A, [5, 6, 7, 8]) == [1, 2, 3, 4, 5, 6, 7, 8]  # overlap kept once
@@ -288,7 +282,7 @@ def test_v2style_chunks_merges_and_timestamps_equal_nemo(v2_model, run, monkeypa
 
     # every file cut where NeMo cut it, its rows decoded as NeMo's batches were
     for chunking in captured["chunking"]:
-        spans = tr.chunk_spans(chunking["total_samples"])
+        spans = longform.chunk_spans(chunking["total_samples"])
         assert [s for s, _ in spans] == chunking["chunk_start_samples"]
         assert [n for _, n in spans] == chunking["chunk_valid_lens"]
     # (NeMo decodes in input order, Serinus longest first: compare the batches as a set)
