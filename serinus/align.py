@@ -492,16 +492,13 @@ def ctc_log_probs(aligner, samples: Sequence[np.ndarray]) -> tuple[torch.Tensor,
     As NeMo's CTC `transcribe` on a list of arrays: each clip is padded to >= 1 s (zeros on both sides)
     and the batch is zero-padded to its longest clip.
     """
+    from serinus.audio import collate_audio
     from serinus.longform import pad_min_duration
 
-    clips = [torch.as_tensor(pad_min_duration(np.asarray(s, dtype=np.float32))) for s in samples]
-    lengths = torch.tensor([len(c) for c in clips])
-    audio = torch.zeros(len(clips), int(lengths.max()))
-    for b, clip in enumerate(clips):
-        audio[b, : len(clip)] = clip
-    device = next(aligner.parameters()).device
+    audio, lengths = collate_audio([pad_min_duration(np.asarray(s, dtype=np.float32)) for s in samples],
+                                   next(aligner.parameters()).device)
     with torch.inference_mode():
-        log_probs, T = aligner(audio.to(device), lengths.to(device))
+        log_probs, T = aligner(audio, lengths)
     return log_probs, T
 
 

@@ -356,3 +356,13 @@ class LogMel(nn.Module):
         if cfg.pad_to > 0 and feats.shape[-1] % cfg.pad_to:
             feats = nn.functional.pad(feats, (0, cfg.pad_to - feats.shape[-1] % cfg.pad_to), value=cfg.pad_value)
         return feats, frames
+
+
+def collate_audio(samples, device="cpu", length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad 1-D clips (arrays or tensors) into a float32 batch [B, max(length, longest)] with
+    their lengths [B]."""
+    lengths = torch.tensor([len(s) for s in samples], dtype=torch.long)
+    batch = torch.zeros(len(samples), max(int(lengths.max()), length or 0), dtype=torch.float32)
+    for i, s in enumerate(samples):
+        batch[i, : len(s)] = torch.as_tensor(np.asarray(s, dtype=np.float32))
+    return batch.to(device), lengths.to(device)

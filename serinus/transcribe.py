@@ -32,7 +32,7 @@ import soundfile
 import torch
 
 from serinus import longform
-from serinus.audio import SAMPLE_RATE, AudioError, load_audio, validate_audio
+from serinus.audio import SAMPLE_RATE, AudioError, collate_audio, load_audio, validate_audio
 from serinus.decoding import DecodingConfig, Hypothesis, beam_search, greedy_decode, max_new_tokens
 from serinus.prompt import encode_prompt, get_format, select_slots
 from serinus.timestamps import frame_time, parse_timestamp_tokens, segments_from_words
@@ -650,15 +650,6 @@ def decode_pieces(model, ready: list[tuple[Piece, list[Unit]]], decoding: Decodi
     return out
 
 
-def collate(samples: list[np.ndarray], device, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero-pad 1-D arrays into [B, max(length, longest)] with lengths [B]."""
-    lengths = torch.tensor([len(s) for s in samples], dtype=torch.long)
-    batch = torch.zeros(len(samples), max(int(lengths.max()), length or 0), dtype=torch.float32)
-    for i, s in enumerate(samples):
-        batch[i, : len(s)] = torch.from_numpy(np.asarray(s, dtype=np.float32))
-    return batch.to(device), lengths.to(device)
-
-
 @torch.inference_mode()
 def decode_units(model, units: list[Unit], decoding: DecodingConfig, encode_rows: int | None = None) -> list[Hypothesis]:
     """Encode one batch and decode every row with its own prompt. Rows whose prompts differ
@@ -671,7 +662,7 @@ def decode_units(model, units: list[Unit], decoding: DecodingConfig, encode_rows
     longest = max(len(u.samples) for u in units)
     parts = []
     for start in range(0, len(units), rows):
-        audio, lengths = collate([u.samples for u in units[start : start + rows]], model.device, longest)
+        audio, lengths = collate_audio([u.samples for u in units[start : start + rows]], model.device, longest)
         parts.append(model.encode(audio, lengths))
         del audio
     states = torch.cat([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
