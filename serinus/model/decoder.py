@@ -130,6 +130,17 @@ class TransformerDecoder(nn.Module):
         # output head: weight tied to the token embedding, bias of its own
         self.head_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
         self.dropout = nn.Dropout(cfg.dropout)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """NeMo's transformer init: N(0, 0.02) weights, zero biases. (torch's default N(0, 1)
+        embedding, tied to the head, would start training from logits of std ~sqrt(hidden).)"""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.zeros_(self.head_bias)
 
     def embed(self, tokens: Tensor, start: int = 0) -> Tensor:
         length = tokens.shape[1]

@@ -1,0 +1,128 @@
+"""serinus.train: a tiny model overfits a few synth-v1 utterances; config overrides and errors;
+exact resume; fine-tune init with include/exclude."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import DATA, FIXTURES, REPO
+from serinus import train as T
+
+TRAIN = DATA / "synth-v1" / "asr_train.jsonl"
+DEV = DATA / "synth-v1" / "asr_dev.jsonl"
+NEMO = FIXTURES / "tiny_canary2.nemo"
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    """spl_tokens + an English BPE-128 trained on synth-v1 English text (what `serinus tokenizer` builds)."""
+    from serinus.data.tokenizers import build_special_tokenizer, manifest_texts, train_bpe_tokenizer
+
+    d = tmp_path_factory.mktemp("tok")
+    build_special_tokenizer(d / "spl_tokens")
+    train_bpe_tokenizer(manifest_texts([TRAIN, DEV], lang="en"), d / "en", 128)
+    return d
+
+
+def tiny_config(tokenizer_dir, out_dir, *extra):
+    return T.load_config(REPO / "configs" / "canary_tiny.yaml", [
+        f"tokenizer.dir={tokenizer_dir}", "tokenizer.from_checkpoint=null",
+        f"train_ds.manifest_filepath={TRAIN}", "train_ds.limit=8", "train_ds.batch_duration=null",
+        "train_ds.batch_size=3", f"validation_ds.manifest_filepath={DEV}", "validation_ds.limit=3",
+        "optim.warmup_steps=5", "trainer.log_every=100", "trainer.val_check_interval=0",
+        f"trainer.out_dir={out_dir}", *extra,
+    ])
+
+
+def test_overfit_loss_goes_down_and_checkpoint_loads(tokenizer_dir, tmp_path):
+    cfg = tiny_config(tokenizer_dir, tmp_path, "trainer.max_steps=30", "trainer.checkpoint_every=0", "optim.lr=5e-3")
+    hist = T.train(cfg)
+    losses = hist["losses"]
+    assert len(losses) == 30
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert last < 0.6 * first, (first, last)  # 7.1 -> ~3.5 (uniform over the vocabulary: ln 1280 = 7.2)
+    val = hist["val"][-1]
+    assert val["step"] == 30 and val["val_loss"] > 0 and 0 <= val["wer"]
+    # the checkpoint is an ordinary model folder
+    from serinus.checkpoint import load_model
+
+    ckpt = T.last_checkpoint(cfg)
+    model = load_model(ckpt / "model")
+    assert model.cfg.encoder.n_layers == 2 and model.cfg.decoder.num_layers == 1
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in log if "loss" in r] == losses
+
+
+def test_dotted_overrides_change_config(tmp_path):
+    cfg = T.load_config(REPO / "configs" / "canary_tiny.yaml",
+                        ["model.encoder.n_layers=1", "optim.betas=[0.8,0.9]", "trainer.precision=bf16",
+                         "model.preset=canary-180m-flash"])
+    assert cfg["model"]["encoder"]["n_layers"] == 1 and cfg["model"]["encoder"]["d_model"] == 64
+    assert cfg["optim"]["betas"] == [0.8, 0.9] and cfg["trainer"]["precision"] == "bf16"
+
+    class Tok:
+        vocab_size = 1283
+
+    mcfg = T.build_model_config(cfg, Tok())
+    assert mcfg.encoder.n_layers == 1 and mcfg.encoder.d_model == 64  # the overrides win over the preset
+    assert mcfg.decoder.vocab_size == 1288 and mcfg.decoder.hidden_size == 64
+
+
+@pytest.mark.parametrize("override, name", [
+    ("trainer.max_stepz=3", "trainer.max_stepz"),
+    ("model.encoder.n_layerz=3", "model.encoder.n_layerz"),
+    ("optimizer.lr=1", "optimizer"),
+])
+def test_bad_key_names_it(override, name, capsys):
+    with pytest.raises(T.ConfigError, match=name.replace(".", r"\.")):
+        T.load_config(REPO / "configs" / "canary_tiny.yaml", [override])
+    assert T.main(["--config", str(REPO / "configs" / "canary_tiny.yaml"), override]) == 2
+    assert name in capsys.readouterr().err
+
+
+def test_resume_continues_exactly(tokenizer_dir, tmp_path):
+    # dropout on, so the RNG state has to come back too; 8 cuts in batches of 3 cross epoch ends
+    extra = ["model.encoder.dropout=0.1", "model.decoder.dropout=0.1", "trainer.checkpoint_every=5",
+             "validation_ds.manifest_filepath=null"]
+    full = T.train(tiny_config(tokenizer_dir, tmp_path / "full", "trainer.max_steps=10", *extra))["losses"]
+    first = T.train(tiny_config(tokenizer_dir, tmp_path / "cut", "trainer.max_steps=5", *extra))["losses"]
+    rest = T.train(tiny_config(tokenizer_dir, tmp_path / "cut", "trainer.max_steps=10", "trainer.resume=true",
+                               *extra))["losses"]
+    assert len(first) == 5 and len(rest) == 5
+    assert first == full[:5]
+    torch.testing.assert_close(torch.tensor(rest), torch.tensor(full[5:]), rtol=1e-5, atol=1e-5)
+
+
+def test_init_from_include_exclude(tmp_path):
+    from serinus.checkpoint import load_model
+    from serinus.model.canary import CanaryModel
+
+    cfg = T.load_config(None, [f"init_from.path={NEMO}", "model.preset=init_from",
+                               "init_from.include=[encoder.,decoder.blocks.]",
+                               "init_from.exclude=[encoder.layers.1.]"])
+    src = load_model(NEMO)
+    tok = T.build_tokenizer(cfg)  # the init checkpoint's
+    torch.manual_seed(0)
+    model = CanaryModel(T.build_model_config(cfg, tok, src.cfg), tok)
+    names = T.init_weights(model, src.state_dict(), cfg["init_from"]["include"], cfg["init_from"]["exclude"], "x")
+    assert names and all(n.startswith(("encoder.", "decoder.blocks.")) for n in names)
+    assert not any(n.startswith("encoder.layers.1.") for n in names)
+    s, m = src.state_dict(), model.state_dict()
+    for k in m:
+        same = torch.equal(s[k], m[k])
+        if k in names:
+            assert same, k
+        elif m[k].numel() > 1 and "num_batches_tracked" not in k and "running_" not in k:
+            assert not same, k  # left at its random init
+    # a new tokenizer: the embedding no longer fits and has to be excluded, by name
+    cfg2 = T.load_config(None, [f"init_from.path={NEMO}", "model.preset=init_from"])
+
+    class Tok:
+        vocab_size = 1280
+
+    small = CanaryModel(T.build_model_config(cfg2, Tok(), src.cfg), tok)
+    with pytest.raises(T.ConfigError, match="decoder.token_embedding.weight"):
+        T.init_weights(small, src.state_dict(), [], [], "x")
+    n = T.init_weights(small, src.state_dict(), [], ["decoder.token_embedding", "decoder.head_bias"], "x")
+    assert len(n) == len(src.state_dict()) - 2
