@@ -237,7 +237,8 @@ def load_cuts(ds: dict, tokenizer=None, prompt_format: str = "canary2"):
         cuts.extend(manifest_to_cuts(m, id_prefix=prefix))
     cuts = CutSet.from_cuts(cuts)
     if tokenizer is not None:
-        cuts = CutSet.from_cuts(list(attach_num_tokens(cuts, tokenizer, prompt_format)))
+        cuts = CutSet.from_cuts(list(attach_num_tokens(cuts, tokenizer, prompt_format,
+                                                       allow_unk=bool(ds.get("allow_unk", False)))))
     return cuts
 
 

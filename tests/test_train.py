@@ -126,3 +126,17 @@ def test_init_from_include_exclude(tmp_path):
         T.init_weights(small, src.state_dict(), [], [], "x")
     n = T.init_weights(small, src.state_dict(), [], ["decoder.token_embedding", "decoder.head_bias"], "x")
     assert len(n) == len(src.state_dict()) - 2
+
+
+def test_allow_unk_reaches_the_bucketing_pass():
+    """train_ds.allow_unk must also cover the token count made for bucketing, not only the batches.
+    (The fixture tokenizer cannot spell every letter of the synthetic text.)"""
+    from serinus import CanaryModel
+    from serinus.data.dataset import DataError
+
+    tok = CanaryModel.from_pretrained(FIXTURES / "tiny_canary2.nemo").tokenizer
+    ds = {"manifest_filepath": str(DATA / "synth-v1" / "asr_dev.jsonl"), "limit": None}
+    with pytest.raises(DataError, match="cannot encode"):
+        T.load_cuts(dict(ds, allow_unk=False), tok)
+    cuts = T.load_cuts(dict(ds, allow_unk=True), tok)
+    assert len(cuts) == 56 and all(c.num_tokens > 0 for c in cuts)  # every line kept

@@ -58,17 +58,19 @@ def _as_cuts(data, langs=None):
 
 
 def attach_num_tokens(
-    cuts, tokenizer, prompt_format: str | PromptFormat = "canary2", slot_defaults: Mapping | None = None
+    cuts, tokenizer, prompt_format: str | PromptFormat = "canary2", slot_defaults: Mapping | None = None,
+    allow_unk: bool = False,
 ):
     """Store each cut's prompted-transcript length as `cut.num_tokens`, so the sampler measures it once.
 
-    Lazy CutSets stay lazy (the count happens as the sampler reads them).
+    Lazy CutSets stay lazy (the count happens as the sampler reads them). Text the tokenizer can only
+    encode with <unk> is an error naming the manifest line, unless `allow_unk`.
     """
     fmt = get_format(prompt_format)
     unk = frozenset(i for i, p in enumerate(tokenizer.vocab) if p == "<unk>")
 
     def attach(cut):
-        cut.num_tokens = len(encode_cut(cut, tokenizer, fmt, slot_defaults, unk).input_ids)
+        cut.num_tokens = len(encode_cut(cut, tokenizer, fmt, slot_defaults, unk, allow_unk=allow_unk).input_ids)
         return cut
 
     return cuts.map(attach)
