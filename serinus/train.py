@@ -487,7 +487,7 @@ def train(cfg: dict) -> dict:
     if ckpt is not None:
         from safetensors.torch import load_file
 
-        state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
+        state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
         model.load_state_dict(load_file(str(ckpt / "model" / "model.safetensors")))
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
