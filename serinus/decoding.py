@@ -101,8 +101,8 @@ def greedy_decode(
         next_tokens = log_probs.argmax(dim=-1)  # [b]
         start += tokens.shape[1]
         finished = next_tokens == eos_id
-        for row, (item, tok) in enumerate(zip(active.tolist(), next_tokens.tolist())):
-            if not finished[row]:
+        for item, tok, done in zip(active.tolist(), next_tokens.tolist(), finished.tolist()):  # one sync a step
+            if not done:
                 results[item].append(tok)
         finished |= limits_t[active] <= step + 1
         if finished.all():
