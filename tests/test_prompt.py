@@ -6,10 +6,8 @@ import json
 import numpy as np
 import pytest
 import sentencepiece as spm
-import yaml
 
-from conftest import AUDIO, FIXTURES, MODELS, REFERENCE
-from serinus.checkpoint import extract_nemo
+from conftest import AUDIO, FIXTURES, MODELS, REF, REFERENCE
 from serinus.prompt import (
     CANARY,
     CANARY2,
@@ -20,22 +18,7 @@ from serinus.prompt import (
     resolve_slots,
     select_slots,
 )
-from serinus.tokenizer import CanaryTokenizer, load_tokenizer, nemo_resolver
-
-REF = {"tiny_canary2": "tiny_canary2", "tiny_canary2_unified": "tiny_canary2_unified",
-       "tiny_canary2_v2style": "tiny_canary2_unified"}
-
-
-@pytest.fixture(scope="module")
-def tokenizers(tmp_path_factory):
-    root = tmp_path_factory.mktemp("nemo")
-    out = {}
-    for m in MODELS:
-        d = extract_nemo(FIXTURES / f"{m}.nemo", root / m)
-        cfg = yaml.safe_load((d / "model_config.yaml").read_text())["tokenizer"]
-        out[m] = load_tokenizer(cfg, nemo_resolver(d))
-    return out
-
+from serinus.tokenizer import CanaryTokenizer
 
 def prompts(model):
     return json.loads((REFERENCE / REF[model] / "prompts.json").read_text())

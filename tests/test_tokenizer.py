@@ -7,34 +7,13 @@ import pytest
 import torch
 import yaml
 
-from conftest import FIXTURES, MODELS, REFERENCE
-from serinus.checkpoint import extract_nemo
+from conftest import FIXTURES, MODELS, REF, REFERENCE
 from serinus.tokenizer import (
     CanaryTokenizer,
     UnifiedTokenizer,
     load_tokenizer,
     nemo_resolver,
 )
-
-# tiny_canary2_v2style carries tiny_canary2_unified's tokenizer; its reference folder has no tokenizer.json.
-REF = {"tiny_canary2": "tiny_canary2", "tiny_canary2_unified": "tiny_canary2_unified",
-       "tiny_canary2_v2style": "tiny_canary2_unified"}
-
-
-@pytest.fixture(scope="session")
-def extracted(tmp_path_factory):
-    root = tmp_path_factory.mktemp("nemo")
-    return {m: extract_nemo(FIXTURES / f"{m}.nemo", root / m) for m in MODELS}
-
-
-@pytest.fixture(scope="session")
-def tokenizers(extracted):
-    out = {}
-    for m, d in extracted.items():
-        cfg = yaml.safe_load((d / "model_config.yaml").read_text())["tokenizer"]
-        out[m] = load_tokenizer(cfg, nemo_resolver(d))
-    return out
-
 
 def ref(model):
     return json.loads((REFERENCE / REF[model] / "tokenizer.json").read_text())
