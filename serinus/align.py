@@ -360,28 +360,16 @@ def timestamp_dicts(
     def offset(t):
         return int(t / frame_seconds) if t != -1 else -1
 
+    def item(key, node):  # a segment or word item; -1 (never visited) stays -1
+        return {key: node.text, "start_offset": offset(node.t_start), "end_offset": offset(node.t_end),
+                "start": round(node.t_start, 2), "end": round(node.t_end, 2)}
+
     for seg in utt.segments:
         if "segment" in types:
-            out["segment"].append(
-                {
-                    "segment": seg.text,
-                    "start_offset": offset(seg.t_start),
-                    "end_offset": offset(seg.t_end),
-                    "start": round(seg.t_start, 2),
-                    "end": round(seg.t_end, 2),
-                }
-            )
+            out["segment"].append(item("segment", seg))
         for word in seg.words:
             if "word" in types:
-                out["word"].append(
-                    {
-                        "word": word.text,
-                        "start_offset": offset(word.t_start),
-                        "end_offset": offset(word.t_end),
-                        "start": round(word.t_start, 2),
-                        "end": round(word.t_end, 2),
-                    }
-                )
+                out["word"].append(item("word", word))
             for i, token in enumerate(word.tokens):
                 if token.text in punctuation:
                     pinned = round(word.tokens[i - 1].t_end, 2) if i > 0 else round(token.t_start, 2)
