@@ -467,8 +467,8 @@ def _check_overrides(model, overrides: dict) -> None:
         raise TranscribeError(f"invalid prompt option: {e}") from e
 
 
-def _prepare_prompt(model, item: Item, overrides: dict, use_aligner: bool = False) -> None:
-    # (use_aligner is implied by model.aligner: with one, the prompt always says timestamp=no)
+def _prepare_prompt(model, item: Item, overrides: dict) -> None:
+    """The item's slots (with defaults) and prompt ids; an invalid value becomes the item's error."""
     item.slots = _slots_for(model, item.slots, overrides)
     try:
         item.prompt = encode_prompt(model.tokenizer, get_format(model.cfg.prompt_format), item.slots)
