@@ -1,5 +1,9 @@
 """Checkpoints: NeMo `.nemo` archives, our own safetensors format, and Hugging Face Hub ids.
 
+Canary (AED) models load with `load_model`, CTC models (NeMo's EncDecCTCModelBPE, or a CTC aligner
+packed in a canary-1b-v2-style checkpoint) with `load_ctc_model`; `pack_aligner` (and the command
+`serinus pack-aligner AED CTC OUT`) packs a CTC model into an AED as its timestamp aligner.
+
 A `.nemo` file is a tar archive (optionally gzipped) holding `model_config.yaml`,
 `model_weights.ckpt` (a torch state dict) and tokenizer files referenced from the config
 as `nemo:<member name>`. Loading is safe by construction: only regular files and folders
@@ -231,6 +235,15 @@ OWN_CONFIG = "config.json"
 OWN_WEIGHTS = "model.safetensors"
 
 
+def _read_own_config(root: Path) -> dict:
+    import json
+
+    config = json.loads((root / OWN_CONFIG).read_text())
+    if config.get("format") != "serinus":
+        raise CheckpointError(f"{root / OWN_CONFIG}: not a Serinus model config")
+    return config
+
+
 def save_model(model, out_dir: str | os.PathLike) -> Path:
     """Write `config.json` (model config + tokenizer config) and `model.safetensors` to `out_dir`."""
     import json
@@ -240,7 +253,8 @@ def save_model(model, out_dir: str | os.PathLike) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer_cfg = model.tokenizer.save(out / "tokenizer")
-    config = {"format": "serinus", "version": 1, "model": model.cfg.to_dict(), "tokenizer": tokenizer_cfg}
+    config = {"format": "serinus", "version": 1, "model_type": "aed", "model": model.cfg.to_dict(),
+              "tokenizer": tokenizer_cfg}
     if model.aligner_tokenizer is not None:
         config["aligner_tokenizer"] = model.aligner_tokenizer.save(out / "aligner_tokenizer")
     (out / OWN_CONFIG).write_text(json.dumps(config, indent=2))
@@ -251,17 +265,16 @@ def save_model(model, out_dir: str | os.PathLike) -> Path:
 
 
 def load_own(path: str | os.PathLike, device="cpu"):
-    import json
-
     from safetensors.torch import load_file
 
     from serinus.model.canary import CanaryConfig, CanaryModel
     from serinus.tokenizer import load_tokenizer
 
     root = Path(path)
-    config = json.loads((root / OWN_CONFIG).read_text())
-    if config.get("format") != "serinus":
-        raise CheckpointError(f"{root / OWN_CONFIG}: not a Serinus model config")
+    config = _read_own_config(root)
+    if config.get("model_type", "aed") != "aed":
+        raise CheckpointError(f"{root}: a Serinus {config['model_type']!r} model, not a Canary (AED) model; "
+                              "load a CTC model with serinus.checkpoint.load_ctc_model")
     tokenizer = load_tokenizer(config["tokenizer"], lambda p: root / "tokenizer" / p)
     aligner_tokenizer = None
     if "aligner_tokenizer" in config:
@@ -297,19 +310,223 @@ def resolve_hub_id(repo_id: str) -> Path:
     return found[0]
 
 
-def load_model(path_or_id: str | os.PathLike, device="cpu"):
-    """A `.nemo` file, a Serinus folder (config.json + model.safetensors), or a Hub id."""
+def _resolve(path_or_id: str | os.PathLike) -> tuple[str, Path]:
+    """("own", folder) for a Serinus folder, ("nemo", file) for a .nemo file, a folder holding exactly
+    one, or a Hub id."""
     path = Path(path_or_id)
     if path.is_dir():
         if (path / OWN_CONFIG).is_file():
-            return load_own(path, device)
+            return "own", path
         nemo_files = sorted(path.glob("*.nemo"))
         if len(nemo_files) == 1:
-            return load_nemo(nemo_files[0], device)
+            return "nemo", nemo_files[0]
         raise CheckpointError(f"{path}: a folder with neither {OWN_CONFIG} nor exactly one .nemo file")
     if path.is_file():
-        return load_nemo(path, device)
+        return "nemo", path
     name = str(path_or_id)
     if name.count("/") == 1 and not name.startswith((".", "/")) and not name.endswith(".nemo"):
-        return load_nemo(resolve_hub_id(name), device)
+        return "nemo", resolve_hub_id(name)
     raise CheckpointError(f"{name}: no such checkpoint file or folder, and not a Hub id such as {KNOWN_HUB_MODELS[0]}")
+
+
+def load_model(path_or_id: str | os.PathLike, device="cpu"):
+    """A `.nemo` file, a Serinus folder (config.json + model.safetensors), or a Hub id."""
+    kind, path = _resolve(path_or_id)
+    return load_own(path, device) if kind == "own" else load_nemo(path, device)
+
+
+# -- CTC models -------------------------------------------------------------------------------
+
+CTC_TARGET = "EncDecCTCModelBPE"
+
+
+def _check_ctc_vocab(cfg, tokenizer, where: str) -> None:
+    if tokenizer is not None and tokenizer.vocab_size != cfg.num_classes:
+        raise CheckpointError(f"{where}: the CTC model has {cfg.num_classes} classes (+ blank) but its tokenizer "
+                              f"has {tokenizer.vocab_size} entries")
+
+
+def _ctc_from_nemo_files(root: Path, config_file: str, weights_file: str, where: str):
+    """A CTCModel (with .tokenizer) from an extracted .nemo: its yaml config and weights file."""
+    import yaml
+
+    from serinus.model.ctc import CTCConfig, CTCModel
+    from serinus.tokenizer import load_tokenizer, nemo_resolver
+
+    cfg = yaml.safe_load((root / config_file).read_text())
+    target = str(cfg.get("target", ""))
+    if target and not target.endswith(CTC_TARGET):
+        raise CheckpointError(f"{where}: model class {target} is not a CTC model with a SentencePiece tokenizer "
+                              f"({CTC_TARGET})")
+    try:
+        config = CTCConfig.from_nemo(cfg)
+        tokenizer = load_tokenizer(cfg["tokenizer"], nemo_resolver(root))
+    except (KeyError, ValueError, OSError) as e:
+        raise CheckpointError(f"{where}: unsupported CTC model config or tokenizer ({config_file}): {e}") from e
+    _check_ctc_vocab(config, tokenizer, where)
+    model = CTCModel(config, tokenizer)
+    load_state(model, ctc_to_serinus_state_dict(read_weights(root / weights_file)), where)
+    return model
+
+
+def _load_ctc_nemo(path: Path):
+    import tempfile
+
+    import yaml
+
+    with tempfile.TemporaryDirectory(prefix="serinus-nemo-") as tmp:
+        root = extract_nemo(path, tmp)
+        if not (root / CONFIG_FILE).is_file() or not (root / WEIGHTS_FILE).is_file():
+            raise CheckpointError(f"{path}: not a NeMo model archive (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+        target = str(yaml.safe_load((root / CONFIG_FILE).read_text()).get("target", ""))
+        if target.endswith("EncDecMultiTaskModel"):  # a canary-1b-v2-style checkpoint: take its packed aligner
+            if not ((root / ALIGNER_CONFIG_FILE).is_file() and (root / ALIGNER_WEIGHTS_FILE).is_file()):
+                raise CheckpointError(f"{path}: a Canary checkpoint without a packed CTC aligner, not a CTC model")
+            return _ctc_from_nemo_files(root, ALIGNER_CONFIG_FILE, ALIGNER_WEIGHTS_FILE, f"{path} (packed aligner)")
+        return _ctc_from_nemo_files(root, CONFIG_FILE, WEIGHTS_FILE, str(path))
+
+
+def save_ctc_model(model, tokenizer, out_dir: str | os.PathLike) -> Path:
+    """Write a CTC model in our format: `config.json` (`"model_type": "ctc"`, model and tokenizer
+    config), `model.safetensors` and `tokenizer/`. `tokenizer` None means `model.tokenizer`."""
+    import json
+
+    from safetensors.torch import save_file
+
+    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        raise CheckpointError("save_ctc_model: the CTC model needs a tokenizer (none given, model.tokenizer is None)")
+    _check_ctc_vocab(model.cfg, tokenizer, "save_ctc_model")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {"format": "serinus", "version": 1, "model_type": "ctc", "model": model.cfg.to_dict(),
+              "tokenizer": tokenizer.save(out / "tokenizer")}
+    (out / OWN_CONFIG).write_text(json.dumps(config, indent=2))
+    state = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out / OWN_WEIGHTS))
+    return out
+
+
+def load_ctc_model(path_or_id: str | os.PathLike, device="cpu"):
+    """A CTCModel with `.tokenizer`, in eval mode, from: a folder written by `save_ctc_model`; a NeMo
+    EncDecCTCModelBPE `.nemo` (or Hub id); or a Canary checkpoint with a packed aligner (its aligner)."""
+    from safetensors.torch import load_file
+
+    from serinus.model.ctc import CTCConfig, CTCModel
+    from serinus.tokenizer import load_tokenizer
+
+    kind, path = _resolve(path_or_id)
+    if kind == "nemo":
+        model = _load_ctc_nemo(path)
+    else:
+        config = _read_own_config(path)
+        if config.get("model_type", "aed") != "ctc":
+            aed = load_own(path)
+            if aed.aligner is None:
+                raise CheckpointError(f"{path}: a Canary (AED) model without a packed CTC aligner, not a CTC model")
+            model = aed.aligner
+        else:
+            cfg = CTCConfig.from_dict(config["model"])
+            tokenizer = load_tokenizer(config["tokenizer"], lambda p: path / "tokenizer" / p)
+            _check_ctc_vocab(cfg, tokenizer, str(path))
+            model = CTCModel(cfg, tokenizer)
+            load_state(model, load_file(str(path / OWN_WEIGHTS)), str(path))
+    return model.to(device).eval()
+
+
+# -- either model type (training: init, checkpoints, resume) -----------------------------------
+
+def model_type(path_or_id: str | os.PathLike) -> str:
+    """"ctc" for a Serinus CTC folder or a NeMo EncDecCTCModelBPE .nemo, else "aed"."""
+    kind, path = _resolve(path_or_id)
+    if kind == "own":
+        return _read_own_config(path).get("model_type", "aed")
+    return "ctc" if _nemo_target(path).endswith(CTC_TARGET) else "aed"
+
+
+def _nemo_target(path: Path) -> str:
+    import yaml
+
+    with tarfile.open(path, mode="r:*") as tar:
+        for member in tar.getmembers():
+            if PurePosixPath(member.name).name == CONFIG_FILE and member.isfile():
+                return str((yaml.safe_load(tar.extractfile(member).read()) or {}).get("target", ""))
+    return ""
+
+
+def load_any(path_or_id: str | os.PathLike, device="cpu"):
+    """A CanaryModel or a CTCModel, whichever the checkpoint holds."""
+    return load_ctc_model(path_or_id, device) if model_type(path_or_id) == "ctc" else load_model(path_or_id, device)
+
+
+def save_any(model, out_dir: str | os.PathLike) -> Path:
+    """`save_model` for a CanaryModel, `save_ctc_model` for a CTCModel."""
+    from serinus.model.ctc import CTCModel
+
+    if isinstance(model, CTCModel):
+        return save_ctc_model(model, model.tokenizer, out_dir)
+    return save_model(model, out_dir)
+
+
+def read_own_weights(folder: str | os.PathLike) -> dict:
+    """The state dict of a Serinus model folder (either type), e.g. a training checkpoint's."""
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(folder) / OWN_WEIGHTS))
+
+
+# -- packing a CTC aligner into a Canary model ------------------------------------------------
+
+def pack_aligner(aed_model, ctc_model):
+    """Make `ctc_model` the timestamp aligner of `aed_model` (as canary-1b-v2 packs one), in place.
+
+    Sets `aed_model.cfg.aligner` (a new config object), `.aligner` (a copy of the CTC weights, on the
+    AED's device) and `.aligner_tokenizer` (the CTC model's tokenizer); returns `aed_model`. Saved with
+    `save_pretrained`, it reloads with the aligner, and `transcribe(timestamps=True)` then aligns the
+    AED's text with it (Viterbi) instead of asking for timestamp tokens."""
+    import dataclasses
+
+    from serinus.model.ctc import CTCModel
+
+    tokenizer = getattr(ctc_model, "tokenizer", None)
+    if tokenizer is None:
+        raise CheckpointError("pack_aligner: the CTC model has no tokenizer (ctc_model.tokenizer is None)")
+    _check_ctc_vocab(ctc_model.cfg, tokenizer, "pack_aligner")
+    cfg = dataclasses.replace(ctc_model.cfg)
+    aligner = CTCModel(cfg, tokenizer)
+    load_state(aligner, ctc_model.state_dict(), "pack_aligner")
+    param = next(aed_model.parameters())
+    aed_model.cfg = dataclasses.replace(aed_model.cfg, aligner=cfg)
+    aed_model.aligner = aligner.to(device=param.device).train(aed_model.training)
+    aed_model.aligner_tokenizer = tokenizer
+    return aed_model
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`serinus pack-aligner AED_MODEL CTC_MODEL OUT`."""
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="serinus pack-aligner",
+        description="Pack a CTC model into a Canary checkpoint as its timestamp aligner (as canary-1b-v2 "
+                    "packs one) and write a Serinus model folder. transcribe(timestamps=True) on the result "
+                    "force-aligns the AED's text with the CTC model.")
+    p.add_argument("aed_model", help="Canary model: .nemo file, Serinus folder or Hub id")
+    p.add_argument("ctc_model", help="CTC model: Serinus CTC folder, NeMo EncDecCTCModelBPE .nemo, or a "
+                                     "checkpoint with a packed aligner (its aligner is taken)")
+    p.add_argument("out", help="output folder (config.json + model.safetensors + tokenizers)")
+    args = p.parse_args(argv)
+    import sys
+
+    try:
+        aed = load_model(args.aed_model)
+        ctc = load_ctc_model(args.ctc_model)
+        if aed.aligner is not None:
+            print(f"serinus pack-aligner: replacing the aligner already packed in {args.aed_model}", file=sys.stderr)
+        save_model(pack_aligner(aed, ctc), args.out)
+    except CheckpointError as e:
+        print(f"serinus pack-aligner: error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.out}: {args.aed_model} with the CTC aligner {args.ctc_model} "
+          f"({ctc.cfg.encoder.n_layers}x{ctc.cfg.encoder.d_model}, vocabulary {ctc.cfg.num_classes})")
+    return 0

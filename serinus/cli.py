@@ -17,6 +17,7 @@ COMMANDS = {
     "tokenizer": ("serinus.data.tokenizers", "Build Canary tokenizers (special tokens, per-language, unified)."),
     "buckets": ("serinus.data.bucketing", "Estimate 2-D (duration x tokens) bucket bins from a manifest."),
     "oomptimize": ("serinus.data.oomptimizer", "Find the largest batch size per bucket within a memory budget."),
+    "pack-aligner": ("serinus.checkpoint", "Pack a CTC model into a Canary checkpoint as its timestamp aligner."),
     "train": ("serinus.train", "Train or fine-tune a Canary model from a YAML config with dotted overrides."),
 }
 

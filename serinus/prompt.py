@@ -7,6 +7,12 @@ entry, e.g. a yes/no `summarize` slot that becomes `<|summarize|>` / `<|nosummar
     fmt = CANARY2.add_slot(Slot("summarize", "bool", default="no"))
     encode_prompt(tokenizer, fmt, {"source_lang": "en", "target_lang": "en", "summarize": "yes"})
 
+Defaults are NeMo's. A slot either has a fixed `default` or derives one from the slots already
+resolved (`derive_default`): canary-1b's `task` is transcription when source and target language
+are equal and translation when they differ. (NeMo 3.0.0 always falls back to `asr` there, which
+silently ignores a translation request; see README, differences from NeMo.) The languages have no
+default here: `transcribe()` fills in NeMo's en -> en, training data must say.
+
 Encoding follows NeMo:
 * aggregate tokenizer: every control token maps to its special id, and the free-text slot
   (`decodercontext`) is tokenised by the *target* language's tokenizer;
@@ -18,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Callable, Mapping
 
 from .tokenizer import BOS, EOS, CanaryTokenizer, Tokenizer
 
@@ -44,6 +50,8 @@ class Slot:
       * "choice": one of `choices` (accepted value -> token).
       * "text": free text (the decoder context), tokenised in the language of slot `text_lang`.
     default: used when the caller leaves the slot out; None means the caller must give it.
+    derive_default: used instead when there is no `default`: called with the slots resolved so far
+      (slot name -> token, every slot without a derived default) and returns the slot's value.
     """
 
     name: str
@@ -52,6 +60,7 @@ class Slot:
     choices: Mapping[str, str] = field(default_factory=dict)
     tokens: tuple[str, str] | None = None  # bool: (on, off)
     text_lang: str = "target_lang"
+    derive_default: Callable[[Mapping[str, str]], str] | None = None
 
     def __post_init__(self):
         if self.kind not in SLOT_KINDS:
@@ -116,13 +125,22 @@ _TASKS = {
     "<|translate|>": "<|translate|>",
 }
 
+
+def default_task(resolved: Mapping[str, str]) -> str:
+    """canary-1b's task when none is given: transcribe (`asr`) when the source and target
+    languages are equal, else translate (`ast`)."""
+    return "asr" if resolved["source_lang"] == resolved["target_lang"] else "ast"
+
+
 # canary-1b: <|startoftranscript|><|src|><|transcribe|/|translate|><|tgt|><|pnc|/|nopnc|>
+# NeMo 3.0.0's transcribe() fills a missing `taskname` with "asr" and `pnc` with "yes"
+# (EncDecMultiTaskModel._may_be_make_dict_and_fix_paths); the task here follows the languages instead.
 CANARY = PromptFormat(
     name="canary",
     template=(BOS, "{source_lang}", "{task}", "{target_lang}", "{pnc}"),
     slots=(
         Slot("source_lang", "lang"),
-        Slot("task", "choice", choices=_TASKS),
+        Slot("task", "choice", choices=_TASKS, derive_default=default_task),
         Slot("target_lang", "lang"),
         Slot("pnc", "bool", default="yes"),
     ),
@@ -203,35 +221,43 @@ def resolve_slots(tokenizer: Tokenizer, fmt: str | PromptFormat, slots: Mapping[
             )
         given[name] = value
 
-    out = {}
+    out: dict[str, str] = {}
+    derived = []
     for slot in fmt.slots:
-        value = given.get(slot.name, slot.default)
-        if value is None:
-            raise ValueError(f"prompt format {fmt.name!r} needs slot {slot.name!r} (it has no default)")
-        if isinstance(value, bool) and slot.kind == "bool":
-            value = "yes" if value else "no"  # convenience: Python booleans
-        if not isinstance(value, str):
-            raise ValueError(f"slot {slot.name!r} takes a string, got {value!r}")
-        if slot.kind == "text":
-            out[slot.name] = value
-        elif slot.kind == "lang":
-            code = _lang_code(value)
-            if code not in tokenizer.prompt_langs:
-                raise ValueError(
-                    f"unknown language {value!r} for slot {slot.name!r}; this tokenizer has language tokens for: "
-                    f"{', '.join(tokenizer.prompt_langs)}"
-                )
-            out[slot.name] = f"<|{code}|>"
-        else:
-            allowed = slot.allowed_values()
-            if value not in allowed:
-                raise ValueError(f"slot {slot.name!r} does not accept {value!r}; allowed: {', '.join(allowed)}")
-            if slot.kind == "choice":
-                out[slot.name] = slot.choices[value]
-            else:
-                on, off = slot.bool_tokens
-                out[slot.name] = on if value in (*BOOL_ON, slot.name, on) else off
-    return out
+        if given.get(slot.name) is None and slot.default is None and slot.derive_default is not None:
+            derived.append(slot)  # after the slots it may depend on
+            continue
+        out[slot.name] = _resolve_value(tokenizer, fmt, slot, given.get(slot.name, slot.default))
+    for slot in derived:
+        out[slot.name] = _resolve_value(tokenizer, fmt, slot, slot.derive_default(dict(out)))
+    return {slot.name: out[slot.name] for slot in fmt.slots}
+
+
+def _resolve_value(tokenizer: Tokenizer, fmt: PromptFormat, slot: Slot, value: object) -> str:
+    """One slot's token (or text) for `value`; ValueError when the slot does not take it."""
+    if value is None:
+        raise ValueError(f"prompt format {fmt.name!r} needs slot {slot.name!r} (it has no default)")
+    if isinstance(value, bool) and slot.kind == "bool":
+        value = "yes" if value else "no"  # convenience: Python booleans
+    if not isinstance(value, str):
+        raise ValueError(f"slot {slot.name!r} takes a string, got {value!r}")
+    if slot.kind == "text":
+        return value
+    if slot.kind == "lang":
+        code = _lang_code(value)
+        if code not in tokenizer.prompt_langs:
+            raise ValueError(
+                f"unknown language {value!r} for slot {slot.name!r}; this tokenizer has language tokens for: "
+                f"{', '.join(tokenizer.prompt_langs)}"
+            )
+        return f"<|{code}|>"
+    allowed = slot.allowed_values()
+    if value not in allowed:
+        raise ValueError(f"slot {slot.name!r} does not accept {value!r}; allowed: {', '.join(allowed)}")
+    if slot.kind == "choice":
+        return slot.choices[value]
+    on, off = slot.bool_tokens
+    return on if value in (*BOOL_ON, slot.name, on) else off
 
 
 def encode_prompt(tokenizer: Tokenizer, fmt: str | PromptFormat, slots: Mapping[str, object]) -> list[int]:

@@ -180,7 +180,10 @@ def test_canary_v1(v1_tokenizer):
         encode_prompt(tok, "canary", {"source_lang": "en", "task": "asr", "target_lang": "en", "pnc": "yes"})
     with pytest.raises(ValueError, match=r"slot 'task' does not accept 'summarize'; allowed: asr"):
         encode_prompt(tok, "canary", {"source_lang": "en", "task": "summarize", "target_lang": "en"})
-    with pytest.raises(ValueError, match="needs slot 'task'"):
-        encode_prompt(tok, "canary", {"source_lang": "en", "target_lang": "en"})
+    # No task: transcription for equal languages, translation otherwise (tests/test_canary_v1.py has more).
+    assert encode_prompt(tok, "canary", {"source_lang": "en", "target_lang": "en"}) == \
+        [sid("<|startoftranscript|>"), sid("<|en|>"), sid("<|transcribe|>"), sid("<|en|>"), sid("<|pnc|>")]
+    assert encode_prompt(tok, "canary", {"source_lang": "en", "target_lang": "de"})[2] == sid("<|translate|>")
+    assert CANARY.slot("task").default is None and CANARY.slot("task").derive_default is not None
     ex = encode_training_example(tok, "canary", "hello", {"source_lang": "en", "task": "asr", "target_lang": "en"})
     assert ex.answer_ids == tok.text_to_ids("hello", "en") and ex.input_ids[-1] == tok.eos_id

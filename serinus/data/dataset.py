@@ -126,11 +126,15 @@ def loss_mask(prompted_lens: torch.Tensor, prompt_lens: torch.Tensor, max_len: i
     return (t[None, :] < (prompted_lens - 1)[:, None]) & (t[None, :] >= (prompt_lens - 1)[:, None])
 
 
-def load_audio(cuts, sample_rate: int = 16000) -> tuple[torch.Tensor, torch.Tensor]:
+def load_audio(cuts, sample_rate: int = 16000, cache: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Zero-padded [B, N] float32 mono audio at `sample_rate` and int32 lengths (lhotse decodes,
-    resampling where needed); a file that fails to load names its manifest line."""
+    resampling where needed); a file that fails to load names its manifest line. With `cache`
+    (a dict), each cut's decoded samples are kept there by cut id and reused."""
     arrays = []
     for cut in cuts:
+        if cache is not None and cut.id in cache:
+            arrays.append(cache[cut.id])
+            continue
         if cut.sampling_rate != sample_rate:
             cut = cut.resample(sample_rate)
         try:
@@ -140,6 +144,8 @@ def load_audio(cuts, sample_rate: int = 16000) -> tuple[torch.Tensor, torch.Tens
         if a.ndim == 2 and a.shape[0] != 1:
             raise DataError(f"{cut_origin(cut)}: expected mono audio, got {a.shape[0]} channels")
         arrays.append(torch.from_numpy(a.reshape(-1)))
+        if cache is not None:
+            cache[cut.id] = arrays[-1]
     lens = torch.tensor([len(a) for a in arrays], dtype=torch.int32)
     audio = torch.zeros(len(arrays), int(lens.max()), dtype=torch.float32)
     for i, a in enumerate(arrays):
@@ -158,8 +164,10 @@ class PromptedDataset(torch.utils.data.Dataset):
         with_audio: bool = True,
         sample_rate: int = 16000,
         allow_unk: bool = False,
+        audio_cache: dict | None = None,
     ):
         self.tokenizer = tokenizer
+        self.audio_cache = audio_cache  # a dict: decoded audio is kept there (small corpora; saves decoding)
         self.prompt_format = get_format(prompt_format)
         self.slot_defaults = dict(slot_defaults or {})
         self.with_audio = with_audio  # False: token tensors only (audio left empty), e.g. for statistics
@@ -177,7 +185,7 @@ class PromptedDataset(torch.utils.data.Dataset):
             raise DataError("empty batch of cuts")
         examples = [self.encode(c) for c in cuts]  # text errors first: cheaper than audio
         if self.with_audio:
-            audio, audio_lens = load_audio(cuts, self.sample_rate)
+            audio, audio_lens = load_audio(cuts, self.sample_rate, self.audio_cache)
         else:
             audio, audio_lens = torch.zeros(len(cuts), 0), torch.zeros(len(cuts), dtype=torch.int32)
         prompt, prompt_lens = collate_ids([e.context_ids for e in examples], self.pad_id)
@@ -195,3 +203,46 @@ class PromptedDataset(torch.utils.data.Dataset):
             loss_mask=loss_mask(prompted_lens, prompt_lens, prompted.shape[1]),
             cuts=cuts,
         )
+
+
+@dataclass
+class TranscriptBatch:
+    """A CTC training batch: padded audio and the transcripts' ids in one SentencePiece vocabulary."""
+
+    audio: torch.Tensor
+    audio_lens: torch.Tensor
+    transcript: torch.Tensor  # [B, S], padded with 0 (ignored past transcript_lens)
+    transcript_lens: torch.Tensor
+    cuts: list
+
+
+def transcript_ids(cut, tokenizer, allow_unk: bool = False) -> list[int]:
+    """Ids of a cut's text (supervisions joined by spaces) in a plain SentencePiece tokenizer."""
+    texts = [s.text for s in cut.supervisions]
+    if not texts or any(t is None for t in texts):
+        raise DataError(f"{cut_origin(cut)}: no transcript in cut {cut.id}")
+    text = " ".join(texts)
+    ids = tokenizer.text_to_ids(text)
+    if not allow_unk and tokenizer.unk_id in ids:
+        raise DataError(f"{cut_origin(cut)}: the tokenizer cannot encode part of the text {text!r} (<unk>)")
+    return ids
+
+
+class TranscriptDataset(torch.utils.data.Dataset):
+    """Cuts -> `TranscriptBatch` (NeMo's AudioToBPEDataset, for EncDecCTCModelBPE)."""
+
+    def __init__(self, tokenizer, sample_rate: int = 16000, allow_unk: bool = False,
+                 audio_cache: dict | None = None):
+        self.tokenizer = tokenizer
+        self.sample_rate = sample_rate
+        self.allow_unk = allow_unk
+        self.audio_cache = audio_cache
+
+    def __getitem__(self, cuts) -> TranscriptBatch:
+        cuts = list(cuts)
+        if not cuts:
+            raise DataError("empty batch of cuts")
+        seqs = [transcript_ids(c, self.tokenizer, self.allow_unk) for c in cuts]
+        audio, audio_lens = load_audio(cuts, self.sample_rate, self.audio_cache)
+        ids, lens = collate_ids(seqs, 0)
+        return TranscriptBatch(audio, audio_lens, ids, lens, cuts)

@@ -3,6 +3,8 @@
 - `build_special_tokenizer`: the canary2 `spl_tokens` model (NeMo's
   `scripts/speech_recognition/canary/build_canary_2_special_tokenizer.py`): 1152 pieces, every
   special token a user-defined symbol, in NeMo's order so ids are the same as NeMo's.
+  `prompt_format="canary"` builds canary-1b's instead (NeMo's `build_canary_1b_special_tokenizer.py`):
+  30 pieces, the v1 control tokens, `<|en|> <|es|> <|de|> <|fr|>` and 16 spare `<|spltokenK|>`.
 - `train_bpe_tokenizer`: a per-language BPE (NeMo's `scripts/tokenizers/process_asr_text_tokenizer.py`
   with `--tokenizer spe --spe_type bpe`), written to `OUT/tokenizer_spe_bpe_v{N}/`.
 - `train_unified_tokenizer`: one BPE with all special tokens as user-defined symbols (the
@@ -11,7 +13,8 @@
 SentencePiece training is deterministic for a given input, options and sentencepiece version;
 with sentencepiece 0.2.x these reproduce the NeMo fixtures' vocabularies piece for piece.
 
-CLI: `serinus tokenizer special OUT_DIR` and `serinus tokenizer train --manifest M ... OUT_DIR`.
+CLI: `serinus tokenizer special OUT_DIR [--prompt-format canary]` and
+`serinus tokenizer train --manifest M ... OUT_DIR`.
 """
 
 from __future__ import annotations
@@ -43,6 +46,14 @@ ISO_LANGS = (
     "yo za zu"
 ).split()
 
+# canary-1b (prompt format `canary`): NeMo's build_canary_1b_special_tokenizer.py token list, in its order.
+CANARY1_CONTROL_TOKENS = [
+    "<|endoftext|>", "<|startoftranscript|>", "<|transcribe|>", "<|translate|>", "<|nopnc|>", "<|pnc|>",
+    "<|nospeech|>",
+]  # fmt: skip
+CANARY1_LANGS = ("en", "es", "de", "fr")
+CANARY1_NUM_SPARE = 16  # <|spltoken0|>..<|spltoken15|>
+
 NUM_TIMESTAMP_TOKENS = 900  # <|0|>..<|899|>: frame indices (80 ms each) for word timestamps
 NUM_SPEAKER_TOKENS = 16
 
@@ -54,6 +65,17 @@ def _as_special(token: str) -> str:
     return token if _SPECIAL_RE.match(token) else f"<|{token}|>"
 
 
+def _check_extra(extra_tokens: Iterable[str], known: set[str]) -> list[str]:
+    """Extra tokens in `<|..|>` form; each must be new and usable as a SentencePiece user symbol."""
+    extra = [_as_special(t) for t in extra_tokens]
+    for t in extra:
+        if t in known or extra.count(t) > 1:
+            raise ValueError(f"extra token {t} is already in the special-token vocabulary")
+        if "," in t:
+            raise ValueError(f"extra token {t} contains ',' which SentencePiece cannot take in a user symbol")
+    return extra
+
+
 def canary2_special_tokens(extra_tokens: Iterable[str] = ()) -> list[str]:
     """The special tokens in vocabulary order (ids 1..N of the spl_tokens model; 0 is <unk>).
 
@@ -63,17 +85,35 @@ def canary2_special_tokens(extra_tokens: Iterable[str] = ()) -> list[str]:
     """
     base = CONTROL_TOKENS + ["<|unklang|>"] + [f"<|{c}|>" for c in ISO_LANGS]
     base += [f"<|{i}|>" for i in range(NUM_TIMESTAMP_TOKENS)] + [f"<|spk{i}|>" for i in range(NUM_SPEAKER_TOKENS)]
-    extra = [_as_special(t) for t in extra_tokens]
-    known = set(DEFAULT_TOKENS) | set(base)
-    for t in extra:
-        if t in known or extra.count(t) > 1:
-            raise ValueError(f"extra token {t} is already in the special-token vocabulary")
-        if "," in t:
-            raise ValueError(f"extra token {t} contains ',' which SentencePiece cannot take in a user symbol")
+    extra = _check_extra(extra_tokens, set(DEFAULT_TOKENS) | set(base))
     num = len(base) + len(extra) + 3  # + <pad>, <unk> and "▁", as NeMo counts
     num_pad = (num + 63) // 64 * 64 - num
     tokens = DEFAULT_TOKENS + base + [f"<|spltoken{i}|>" for i in range(num_pad)] + extra
     return list(dict.fromkeys(tokens))  # NeMo de-duplicates DEFAULT_TOKENS vs the script's list
+
+
+def canary1_special_tokens(extra_tokens: Iterable[str] = ()) -> list[str]:
+    """canary-1b's special tokens in vocabulary order (ids 1..28 of its spl_tokens model; 0 is <unk>).
+
+    NeMo prepends DEFAULT_TOKENS to the script's list and de-duplicates, so the order is <|nospeech|>,
+    <pad>, <|endoftext|>, <|startoftranscript|>, <|pnc|>, <|nopnc|>, <|transcribe|>, <|translate|>,
+    the four languages, then <|spltoken0..15|>. Extra tokens take the place of the last spare ones
+    (the vocab stays 30 while there is room, every other id is kept) and are appended beyond that.
+    """
+    base = CANARY1_CONTROL_TOKENS + [f"<|{c}|>" for c in CANARY1_LANGS]
+    extra = _check_extra(extra_tokens, set(DEFAULT_TOKENS) | set(base))
+    num_pad = max(CANARY1_NUM_SPARE - len(extra), 0)
+    tokens = DEFAULT_TOKENS + base + [f"<|spltoken{i}|>" for i in range(num_pad)] + extra
+    return list(dict.fromkeys(tokens))
+
+
+def special_tokens(prompt_format: str = "canary2", extra_tokens: Iterable[str] = ()) -> list[str]:
+    """The special-token list of the spl_tokens model for `prompt_format` ("canary2" or "canary")."""
+    if prompt_format == "canary2":
+        return canary2_special_tokens(extra_tokens)
+    if prompt_format == "canary":
+        return canary1_special_tokens(extra_tokens)
+    raise ValueError(f"unknown prompt format {prompt_format!r} for a special-token model; known: canary2, canary")
 
 
 def _train_spm(
@@ -147,14 +187,17 @@ def _train_spm(
     return out_dir
 
 
-def build_special_tokenizer(out_dir: str | os.PathLike, extra_tokens: Iterable[str] = ()) -> Path:
-    """Write the canary2 special-token SentencePiece model (`spl_tokens`) to `out_dir`; returns it.
+def build_special_tokenizer(
+    out_dir: str | os.PathLike, extra_tokens: Iterable[str] = (), prompt_format: str = "canary2"
+) -> Path:
+    """Write the special-token SentencePiece model (`spl_tokens`) to `out_dir`; returns it.
 
+    `prompt_format` "canary2" gives the flash/v2 model (1152 pieces), "canary" canary-1b's (30).
     Like NeMo's `CanaryTokenizer.build_special_tokenizer`: a unigram model over a text made of the
     tokens themselves, each declared a user-defined symbol, vocab = tokens + <unk> + "▁".
     """
     out_dir = Path(out_dir)
-    tokens = canary2_special_tokens(extra_tokens)
+    tokens = special_tokens(prompt_format, extra_tokens)
     out_dir.mkdir(parents=True, exist_ok=True)
     text_path = out_dir / "train_text.txt"
     text_path.write_text("\n".join(tokens), encoding="utf-8")
@@ -251,8 +294,10 @@ def train_unified_tokenizer(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="serinus tokenizer", description="Build Canary tokenizers.")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("special", help="canary2 special-token model (spl_tokens, 1152 pieces).")
+    s = sub.add_parser("special", help="special-token model (spl_tokens): canary2 (1152 pieces) or canary (30).")
     s.add_argument("out_dir")
+    s.add_argument("--prompt-format", default="canary2", choices=["canary2", "canary"],
+                   help="canary2: canary-1b-flash/180m-flash/1b-v2 (default); canary: canary-1b")
     s.add_argument("--extra-tokens", nargs="+", default=[], help="new special tokens, e.g. summarize nosummarize")
     t = sub.add_parser("train", help="Per-language (or --unified) SentencePiece BPE from manifest text.")
     t.add_argument("out_dir")
@@ -270,8 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.cmd == "special":
-            out = build_special_tokenizer(args.out_dir, args.extra_tokens)
-            print(f"{out}: {len(canary2_special_tokens(args.extra_tokens)) + 2} pieces")
+            out = build_special_tokenizer(args.out_dir, args.extra_tokens, args.prompt_format)
+            print(f"{out}: {len(special_tokens(args.prompt_format, args.extra_tokens)) + 2} pieces")
             return 0
         texts = args.text if args.text else manifest_texts(args.manifest, args.lang)
         if args.unified:

@@ -1,7 +1,8 @@
 """The Canary model: log-mel front end, FastConformer encoder, Transformer decoder, tokenizer, prompt.
 
-    audio [B, N] -> LogMel -> [B, 128, T] -> ConformerEncoder -> [B, d_enc, T/8]
+    audio [B, N] -> LogMel -> [B, 128, T] -> [SpecAugment, training only] -> ConformerEncoder -> [B, d_enc, T/8]
       -> encoder_decoder_proj (when d_enc != d_dec) -> TransformerDecoder(prompt + text) -> log-probs
+      (and, with ctc_weight > 0, a CTC head on the raw encoder output for a joint CTC + attention loss)
 
 `CanaryModel.from_pretrained` loads a NeMo `.nemo` archive, a folder saved by
 `save_pretrained`, or a Hugging Face Hub id; `transcribe` is the NeMo-style entry point.
@@ -20,6 +21,7 @@ from serinus.decoding import DecodingConfig
 from serinus.model.ctc import CTCConfig, CTCModel
 from serinus.model.decoder import DecoderConfig, TransformerDecoder
 from serinus.model.encoder import ConformerEncoder, EncoderConfig, time_mask
+from serinus.model.specaugment import SpecAugment, SpecAugmentConfig
 
 
 @dataclass
@@ -32,6 +34,8 @@ class CanaryConfig:
     use_loss_mask_for_prompt: bool = False
     label_smoothing: float = 0.0
     aligner: CTCConfig | None = None  # the CTC model canary-1b-v2 packs for timestamps
+    spec_augment: SpecAugmentConfig | None = None  # training-time masks on the features
+    ctc_weight: float = 0.0  # > 0: a CTC head on the encoder; loss = w * ctc + (1 - w) * attention
 
     @classmethod
     def from_nemo(cls, cfg: dict, vocab_size: int) -> "CanaryConfig":
@@ -48,6 +52,7 @@ class CanaryConfig:
             decoding=DecodingConfig.from_nemo(cfg.get("decoding")),
             use_loss_mask_for_prompt=bool(cfg.get("use_loss_mask_for_prompt", False)),
             label_smoothing=float(cfg.get("label_smoothing", 0.0) or 0.0),
+            spec_augment=SpecAugmentConfig.from_nemo(cfg.get("spec_augment")),
         )
 
     def to_dict(self) -> dict:
@@ -55,13 +60,7 @@ class CanaryConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "CanaryConfig":
-        aligner = d.get("aligner")
-        if aligner is not None:
-            aligner = CTCConfig(
-                features=FeatureConfig(**aligner["features"]),
-                encoder=EncoderConfig(**aligner["encoder"]),
-                num_classes=aligner["num_classes"],
-            )
+        aligner, spec = d.get("aligner"), d.get("spec_augment")
         return cls(
             features=FeatureConfig(**d["features"]),
             encoder=EncoderConfig(**d["encoder"]),
@@ -70,7 +69,9 @@ class CanaryConfig:
             decoding=DecodingConfig(**d["decoding"]),
             use_loss_mask_for_prompt=d.get("use_loss_mask_for_prompt", False),
             label_smoothing=d.get("label_smoothing", 0.0),
-            aligner=aligner,
+            aligner=CTCConfig.from_dict(aligner) if aligner is not None else None,
+            spec_augment=SpecAugmentConfig(**spec) if spec is not None else None,
+            ctc_weight=float(d.get("ctc_weight", 0.0)),
         )
 
 
@@ -108,6 +109,8 @@ def preset_config(name: str, vocab_size: int) -> CanaryConfig:
 class CanaryModel(nn.Module):
     def __init__(self, cfg: CanaryConfig, tokenizer=None, aligner_tokenizer=None):
         super().__init__()
+        if not 0.0 <= cfg.ctc_weight <= 1.0:
+            raise ValueError(f"ctc_weight must be in [0, 1], got {cfg.ctc_weight}")
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.aligner_tokenizer = aligner_tokenizer  # the CTC aligner's own vocabulary (v2 checkpoints)
@@ -116,7 +119,10 @@ class CanaryModel(nn.Module):
         d_enc, d_dec = cfg.encoder.d_model, cfg.decoder.hidden_size
         self.encoder_decoder_proj = nn.Linear(d_enc, d_dec) if d_enc != d_dec else nn.Identity()
         self.decoder = TransformerDecoder(cfg.decoder)
-        self.aligner = CTCModel(cfg.aligner) if cfg.aligner is not None else None
+        self.spec_augment = SpecAugment(cfg.spec_augment) if cfg.spec_augment is not None else None
+        # CTC head for the joint loss: padded decoder vocabulary + blank (id = decoder.vocab_size)
+        self.ctc_head = nn.Linear(d_enc, cfg.decoder.vocab_size + 1) if cfg.ctc_weight > 0 else None
+        self.aligner = CTCModel(cfg.aligner, aligner_tokenizer) if cfg.aligner is not None else None
 
     @property
     def device(self) -> torch.device:
@@ -127,11 +133,23 @@ class CanaryModel(nn.Module):
         """Duration of one encoder frame (window stride x subsampling), 0.08 s for Canary."""
         return self.cfg.features.window_stride * self.cfg.encoder.subsampling_factor
 
+    @property
+    def ctc_blank_id(self) -> int:
+        """Blank id of the CTC head (`ctc_weight > 0`): the padded decoder vocabulary size."""
+        return self.cfg.decoder.vocab_size
+
+    def encode_raw(self, audio: Tensor, audio_lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """audio [B, N], lengths [B] -> raw encoder output [B, D_enc, T] (SpecAugment applied in
+        training) and encoder lengths [B]."""
+        features, feature_lengths = self.preprocessor(audio, audio_lengths)
+        if self.spec_augment is not None:
+            features = self.spec_augment(features, feature_lengths)  # the identity in eval
+        return self.encoder(features, feature_lengths)
+
     def encode(self, audio: Tensor, audio_lengths: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """audio [B, N], lengths [B] -> decoder-side encoder states [B, T, H], valid mask [B, T],
         encoder lengths [B]."""
-        features, feature_lengths = self.preprocessor(audio, audio_lengths)
-        encoded, lengths = self.encoder(features, feature_lengths)  # [B, D, T]
+        encoded, lengths = self.encode_raw(audio, audio_lengths)  # [B, D, T]
         states = self.encoder_decoder_proj(encoded.transpose(1, 2))
         return states, time_mask(lengths, states.shape[1]), lengths
 
@@ -139,6 +157,20 @@ class CanaryModel(nn.Module):
         """Teacher-forced log-probs [B, L, V] for decoder inputs `tokens` [B, L] (prompt + text)."""
         states, mask, _ = self.encode(audio, audio_lengths)
         return self.decoder(tokens, states, mask, time_mask(token_lengths, tokens.shape[1]))
+
+    def forward_train(self, audio: Tensor, audio_lengths: Tensor, tokens: Tensor,
+                      token_lengths: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+        """One encoder pass for both losses: teacher-forced decoder log-probs [B, L, V], CTC log-probs
+        [B, T, V+1] in float32 (None without a CTC head; blank = `ctc_blank_id`), encoder lengths [B]."""
+        encoded, lengths = self.encode_raw(audio, audio_lengths)  # [B, D, T]
+        hidden = encoded.transpose(1, 2)
+        states = self.encoder_decoder_proj(hidden)
+        log_probs = self.decoder(tokens, states, time_mask(lengths, states.shape[1]),
+                                 time_mask(token_lengths, tokens.shape[1]))
+        ctc_log_probs = None
+        if self.ctc_head is not None:
+            ctc_log_probs = torch.log_softmax(self.ctc_head(hidden).float(), dim=-1)
+        return log_probs, ctc_log_probs, lengths
 
     # -- loading and saving -------------------------------------------------------------------
 
@@ -168,6 +200,16 @@ class CanaryModel(nn.Module):
         from serinus.transcribe import transcribe
 
         return transcribe(self, audio, batch_size=batch_size, **kwargs)
+
+
+def joint_loss(attention_loss: Tensor, ctc_loss: Tensor | None, ctc_weight: float) -> Tensor:
+    """The hybrid objective: ctc_weight * ctc_loss + (1 - ctc_weight) * attention_loss (the attention
+    loss alone when ctc_weight is 0)."""
+    if not ctc_weight:
+        return attention_loss
+    if ctc_loss is None:
+        raise ValueError(f"ctc_weight={ctc_weight} but no CTC loss was given (the model has no ctc_head?)")
+    return ctc_weight * ctc_loss + (1.0 - ctc_weight) * attention_loss
 
 
 def sequence_loss(

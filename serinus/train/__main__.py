@@ -1,0 +1,5 @@
+import sys
+
+from serinus.train import main
+
+sys.exit(main())

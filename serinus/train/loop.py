@@ -1,0 +1,504 @@
+"""The training loop: runtime set-up -> model -> data -> trainer state (resume) -> steps.
+
+One process = one device; under torchrun (WORLD_SIZE/LOCAL_RANK set) the model is wrapped in
+DDP, each rank reads its own shard of every bucketed batch stream, and only rank 0 writes
+checkpoints and logs.
+
+Checkpoints: `<out_dir>/checkpoints/step_<N>/` holds `model/` (a normal Serinus model folder,
+loadable with `serinus transcribe --model`) and `trainer_state.pt` (optimizer, scheduler, RNG and
+data position); `<out_dir>/checkpoints/last` names the newest. A checkpoint is written under a
+temporary name and renamed when complete, so a crash never leaves a half-written one that resume
+would pick up. `trainer.resume=true` continues exactly: the next batch and the next loss are what
+the uninterrupted run would have had. The final model is also written to `<out_dir>/model/`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from serinus.train.config import ConfigError, parse_max_time
+from serinus.train.tasks import make_task
+
+
+# ---------------------------------------------------------------------------------------------
+# runtime
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    rank: int
+    local_rank: int
+    world_size: int
+    autocast_dtype: torch.dtype | None
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def log(self, line: str) -> None:
+        if self.rank == 0:
+            print(line, flush=True)
+
+
+def setup_runtime(tr: dict) -> Runtime:
+    import torch.distributed as dist
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if tr["device"] == "auto":
+        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(tr["device"])
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if tr.get("threads"):
+        torch.set_num_threads(int(tr["threads"]))
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    torch.manual_seed(int(tr["seed"]))  # same init weights on every rank
+    return Runtime(device, rank, local_rank, world_size, torch.bfloat16 if tr["precision"] == "bf16" else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# model
+
+
+def build_tokenizer(cfg: dict, rt: Runtime | None = None):
+    from serinus.data.bucketing import open_tokenizer
+
+    tok = cfg["tokenizer"]
+    if tok["dir"] and tok.get("vocab_size") and not Path(tok["dir"]).exists():
+        if rt is not None and rt.distributed:
+            raise ConfigError("tokenizer.vocab_size: build the tokenizer before a torchrun job (run once without it)")
+        train_tokenizer(cfg, Path(tok["dir"]), int(tok["vocab_size"]))
+        if rt is not None:
+            rt.log(f"tokenizer: built {tok['dir']} from the training text (vocab {tok['vocab_size']} per language)")
+    source = tok["dir"] or tok["from_checkpoint"] or cfg["init_from"]["path"]
+    if source is None:
+        raise ConfigError("no tokenizer: set tokenizer.dir, tokenizer.from_checkpoint or init_from.path")
+    return open_tokenizer(str(source))
+
+
+def train_tokenizer(cfg: dict, out: Path, vocab_size: int) -> None:
+    """spl_tokens + one BPE per target language of train_ds (model.type aed), or one BPE (ctc).
+    Written to a temporary folder first, so a failed build leaves no folder that looks complete."""
+    from serinus.data.manifest import read_manifest
+    from serinus.data.tokenizers import build_special_tokenizer, train_bpe_tokenizer
+
+    ds = cfg["train_ds"]
+    texts: dict[str, list[str]] = {}
+    for p in _manifests(ds["manifest_filepath"]):
+        for e in read_manifest(p).entries:
+            if _keep(e, ds):
+                lang = e.lang or e.extra.get("source_lang") or "en"
+                texts.setdefault(lang, []).append(e.text)
+    if not texts:
+        raise ConfigError("tokenizer.vocab_size: train_ds has no text to build a tokenizer from")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if cfg["model"]["type"] == "ctc":
+        d = train_bpe_tokenizer([t for ts in texts.values() for t in ts], tmp / "bpe", vocab_size)
+        shutil.move(str(d), str(tmp / "ctc"))
+        shutil.rmtree(tmp / "bpe")
+        shutil.move(str(tmp / "ctc"), str(out))
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    build_special_tokenizer(tmp / "spl_tokens", prompt_format=cfg["model"]["prompt_format"])
+    for lang, ts in sorted(texts.items()):
+        train_bpe_tokenizer(ts, tmp / lang, vocab_size)
+    os.replace(tmp, out)
+
+
+def _selected(name: str, include: list[str], exclude: list[str]) -> bool:
+    if any(name.startswith(p) for p in exclude):
+        return False
+    return not include or any(name.startswith(p) for p in include)
+
+
+def init_weights(model, state: dict, include: list[str], exclude: list[str], where: str) -> list[str]:
+    """Copy the selected parameters (by name prefix) of `state` into `model`; returns their names.
+
+    A selected name the model lacks, or with another shape, is an error: exclude it explicitly
+    (e.g. `decoder.token_embedding`, `decoder.head_bias` for a new tokenizer)."""
+    own = model.state_dict()
+    chosen = {k: v for k, v in state.items() if _selected(k, include, exclude)}
+    if not chosen:
+        raise ConfigError(f"init_from: no parameter of {where} matches include={include} exclude={exclude}")
+    absent = [k for k in chosen if k not in own]
+    if absent:
+        raise ConfigError(f"init_from: {where} has {', '.join(absent[:5])}, which this model does not; "
+                          "add them to init_from.exclude")
+    bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)} here" for k, v in chosen.items()
+           if tuple(v.shape) != tuple(own[k].shape)]
+    if bad:
+        raise ConfigError(f"init_from: shapes differ from {where}: {'; '.join(bad[:5])}; add them to init_from.exclude")
+    model.load_state_dict(chosen, strict=False)
+    return sorted(chosen)
+
+
+def _load_init(path: str):
+    """The model to initialise from: a Canary (.nemo / Serinus folder) or a Serinus CTC model."""
+    from serinus.checkpoint import load_any
+
+    return load_any(path)
+
+
+def build_model(cfg: dict, task, tokenizer, rt: Runtime):
+    init = _load_init(cfg["init_from"]["path"]) if cfg["init_from"]["path"] else None
+    init_cfg = getattr(init, "cfg", None)
+    model = task.build_model(tokenizer, init_cfg if type(init_cfg).__name__ == "CanaryConfig" or task.name == "ctc"
+                             else None)
+    if init is not None:
+        names = init_weights(model, init.state_dict(), cfg["init_from"]["include"], cfg["init_from"]["exclude"],
+                             str(cfg["init_from"]["path"]))
+        rt.log(f"init_from {cfg['init_from']['path']}: loaded {len(names)} of {len(model.state_dict())} tensors")
+    return model.to(rt.device).train()
+
+
+def describe(model) -> str:
+    n = sum(p.numel() for p in model.parameters())
+    enc = model.cfg.encoder
+    text = f"{n / 1e6:.2f} M parameters, encoder {enc.n_layers}x{enc.d_model}"
+    if hasattr(model.cfg, "decoder"):
+        dec = model.cfg.decoder
+        text += f", decoder {dec.num_layers}x{dec.hidden_size}, vocab {dec.vocab_size}"
+        if getattr(model.cfg, "ctc_weight", 0):
+            text += f", CTC head (weight {model.cfg.ctc_weight})"
+    else:
+        text += f", CTC over {model.cfg.num_classes} tokens + blank"
+    return text
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+def _manifests(value) -> list[str]:
+    if value is None:
+        return []
+    return [str(value)] if isinstance(value, (str, os.PathLike)) else [str(v) for v in value]
+
+
+def _keep(entry, ds: dict) -> bool:
+    src, tgt = ds.get("source_langs"), ds.get("target_langs")
+    source = entry.extra.get("source_lang") or entry.lang
+    target = entry.lang or source
+    return (not src or source in src) and (not tgt or target in tgt)
+
+
+def load_cuts(ds: dict, tokenizer=None, prompt_format: str = "canary2"):
+    """CutSet of the manifests (language filters, then the first `limit` lines each), with
+    `num_tokens` attached when a tokenizer is given."""
+    from lhotse import CutSet
+
+    from serinus.data.bucketing import attach_num_tokens
+    from serinus.data.manifest import manifest_to_cuts, read_manifest
+
+    paths = _manifests(ds["manifest_filepath"])
+    if not paths:
+        raise ConfigError("manifest_filepath is not set")
+    cuts = []
+    for i, p in enumerate(paths):
+        m = read_manifest(p)
+        m.entries = [e for e in m.entries if _keep(e, ds)]
+        if ds.get("limit"):
+            m.entries = m.entries[: int(ds["limit"])]
+        prefix = m.path.name.split(".")[0] if len(paths) == 1 else f"{i}-{m.path.name.split('.')[0]}"
+        cuts.extend(manifest_to_cuts(m, id_prefix=prefix))
+    if not cuts:
+        raise ConfigError(f"no manifest line of {', '.join(paths)} passes source_langs={ds.get('source_langs')} "
+                          f"target_langs={ds.get('target_langs')}")
+    cuts = CutSet.from_cuts(cuts)
+    if tokenizer is not None:
+        cuts = CutSet.from_cuts(list(attach_num_tokens(cuts, tokenizer, prompt_format,
+                                                       allow_unk=bool(ds.get("allow_unk", False)))))
+    return cuts
+
+
+def build_sampler(ds: dict, cuts, seed: int, world_size: int, rank: int):
+    from serinus.data.bucketing import make_sampler, measure
+
+    bins = ds["bucket_duration_bins"]
+    if bins is None:  # one bucket holding everything: plain batching
+        durs, toks = measure(cuts)
+        bins = [[math.ceil(float(durs.max()) * 1000) / 1000, int(toks.max())]]
+    sizes = ds["bucket_batch_size"]
+    if sizes is None and ds["batch_size"] is not None:
+        sizes = [int(ds["batch_size"])] * len(bins)
+    if sizes is None and ds["batch_duration"] is None:
+        raise ConfigError("train_ds: set one of bucket_batch_size, batch_size or batch_duration")
+    return make_sampler(
+        cuts, bins, bucket_batch_size=sizes, batch_duration=ds["batch_duration"],
+        quadratic_duration=ds["quadratic_duration"], min_duration=ds["min_duration"],
+        max_duration=ds["max_duration"], shuffle=ds["shuffle"], seed=seed,
+        world_size=world_size, rank=rank,
+    )
+
+
+def batch_stream(sampler, epoch: int, skip: int):
+    """(epoch, index in epoch, cuts) forever, starting at batch `skip` of `epoch`.
+
+    The position is counted here, in batches the loop consumed, rather than taken from the
+    sampler's own state: DataLoader workers prefetch, so the sampler runs ahead of training."""
+    while True:
+        sampler.set_epoch(epoch)
+        n = 0
+        for i, cuts in enumerate(sampler):
+            n += 1
+            if i >= skip:
+                yield epoch, i, cuts
+        if n == 0:
+            raise RuntimeError(f"the training data gave no batch in epoch {epoch}: {sampler.rejection_report()}")
+        epoch, skip = epoch + 1, 0
+
+
+def _identity(x):
+    return x
+
+
+class _Indexed(torch.utils.data.Dataset):
+    """Wraps PromptedDataset so each batch keeps its (epoch, index) position through the workers."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __getitem__(self, item):
+        epoch, index, cuts = item
+        return epoch, index, self.dataset[cuts]
+
+
+# ---------------------------------------------------------------------------------------------
+# optimisation
+
+
+def lr_factor(step: int, warmup_steps: int) -> float:
+    """NeMo's WarmupPolicy + InverseSquareRootAnnealing: linear warmup to the peak, then 1/sqrt decay."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    return ((warmup_steps + 1) / (step + 1)) ** 0.5
+
+
+def build_optimizer(model, optim: dict):
+    # No weight decay on biases and norms, as usual for Transformers.
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 else decay).append(p)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": optim["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=optim["lr"], betas=tuple(optim["betas"]),
+    )
+    lr, min_lr, warmup = optim["lr"], optim["min_lr"], int(optim["warmup_steps"])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(lr_factor(s, warmup), min_lr / lr))
+    return opt, sched
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def _ckpt_root(cfg: dict) -> Path:
+    return Path(cfg["trainer"]["out_dir"]) / "checkpoints"
+
+
+def save_checkpoint(cfg, model, opt, sched, step: int, position: tuple[int, int]) -> Path:
+    from serinus.checkpoint import save_any
+
+    root = _ckpt_root(cfg)
+    final = root / f"step_{step:07d}"
+    tmp = root / f".tmp-step_{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_any(model, tmp / "model")
+    state = {
+        "step": step, "epoch": position[0], "batch_in_epoch": position[1], "config": cfg,
+        "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+        "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+    torch.save(state, tmp / "trainer_state.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)  # complete checkpoints only ever appear under their final name
+    (root / "last.tmp").write_text(final.name + "\n")
+    os.replace(root / "last.tmp", root / "last")
+    keep = int(cfg["trainer"]["keep_checkpoints"])
+    old = sorted(p for p in root.glob("step_*") if p.is_dir() and p != final)
+    if keep > 0:
+        for p in old[: max(0, len(old) - (keep - 1))]:
+            shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def last_checkpoint(cfg: dict) -> Path | None:
+    f = _ckpt_root(cfg) / "last"
+    if not f.is_file():
+        return None
+    d = _ckpt_root(cfg) / f.read_text().strip()
+    return d if (d / "trainer_state.pt").is_file() else None
+
+
+def restore(ckpt: Path, model, opt, sched) -> tuple[int, int, int]:
+    """Load weights, optimizer, scheduler and RNG from a checkpoint; returns (step, epoch, next batch)."""
+    from serinus.checkpoint import read_own_weights
+
+    state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
+    model.load_state_dict(read_own_weights(ckpt / "model"))
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng_cpu"])
+    if state["rng_cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    return state["step"], state["epoch"], state["batch_in_epoch"] + 1
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+
+
+def train(cfg: dict) -> dict:
+    """Run training as `cfg` says; returns {"losses": [per-step train loss], "val": [...], "out_dir": ...}."""
+    import torch.distributed as dist
+
+    from serinus.data.dataset import PromptedDataset
+
+    t_start = time.time()
+    tr = cfg["trainer"]
+    max_time = parse_max_time(tr["max_time"])
+    rt = setup_runtime(tr)
+    task = make_task(cfg)
+
+    tokenizer = build_tokenizer(cfg, rt)
+    model = build_model(cfg, task, tokenizer, rt)
+    rt.log(f"model: {describe(model)}, device {rt.device}, world size {rt.world_size}")
+    opt, sched = build_optimizer(model, cfg["optim"])
+
+    cache = {} if cfg["train_ds"]["cache_audio"] else None
+    dataset = task.dataset(model, allow_unk=bool(cfg["train_ds"]["allow_unk"]), audio_cache=cache)
+    train_cuts = task.attach_num_tokens(load_cuts(cfg["train_ds"]), model, bool(cfg["train_ds"]["allow_unk"]))
+    task.train_texts = {" ".join(s.text for s in c.supervisions) for c in train_cuts}
+    sampler = build_sampler(cfg["train_ds"], train_cuts, int(tr["seed"]), rt.world_size, rt.rank)
+    val_cuts = list(load_cuts(cfg["validation_ds"])) if cfg["validation_ds"]["manifest_filepath"] else None
+    val_dataset = task.dataset(model, allow_unk=True)  # a reference may hold an unseen character
+    hours = sum(c.duration for c in train_cuts) / 3600
+    rt.log(f"data: {len(train_cuts)} training utterances ({hours:.2f} h)"
+           + (f", {len(val_cuts)} validation" if val_cuts else ""))
+
+    step, epoch, skip = 0, 0, 0
+    ckpt = last_checkpoint(cfg) if tr["resume"] else None
+    if tr["resume"] and ckpt is None:
+        rt.log(f"resume: no checkpoint in {_ckpt_root(cfg)}, starting from scratch")
+    if ckpt is not None:
+        step, epoch, skip = restore(ckpt, model, opt, sched)
+        rt.log(f"resumed from {ckpt} at step {step} (epoch {epoch}, batch {skip})")
+
+    ddp_model = model
+    if rt.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp_model = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+
+    loader = torch.utils.data.DataLoader(
+        _Indexed(dataset), sampler=batch_stream(sampler, epoch, skip), batch_size=None,
+        num_workers=int(cfg["train_ds"]["num_workers"]), collate_fn=_identity,
+        generator=torch.Generator().manual_seed(int(tr["seed"])),  # keep the global RNG (dropout) untouched
+    )
+    out_dir = Path(tr["out_dir"])
+    if rt.rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+    log_f = open(out_dir / "log.jsonl", "a") if rt.rank == 0 else None
+    history = {"losses": [], "val": [], "out_dir": str(out_dir)}
+    clock = {"train": 0.0, "audio": 0.0}  # wall seconds in training steps, audio seconds seen
+
+    def run_validation():
+        if val_cuts is None:
+            return
+        if rt.rank == 0:
+            t = time.time()
+            v = task.validate(model, val_cuts, val_dataset, rt.device, rt.autocast_dtype)
+            record = {"step": step, "minutes": round((time.time() - t_start) / 60, 2),
+                      **{k: x for k, x in v.items() if k != "examples"}}
+            history["val"].append({**record, "examples": v["examples"]})
+            shown = [k for k in record if k.startswith(("val_loss", "wer", "bleu"))]
+            rt.log(f"validation step {step} ({record['minutes']:.1f} min, {time.time() - t:.0f} s): "
+                   + "  ".join(f"{k} {record[k]:.4f}" for k in shown))
+            for ex in v["examples"]:
+                rt.log(f"  ref: {ex['ref']}\n  hyp: {ex['hyp']}")
+            log_f.write(json.dumps(record) + "\n")
+            log_f.flush()
+        if rt.distributed:
+            dist.barrier()
+
+    def checkpoint(position):
+        if rt.rank == 0:
+            d = save_checkpoint(cfg, model, opt, sched, step, position)
+            rt.log(f"saved checkpoint {d}")
+        if rt.distributed:
+            dist.barrier()
+
+    def out_of_time() -> bool:
+        if max_time is None:
+            return False
+        late = torch.tensor([float(time.time() - t_loop >= max_time)])
+        if rt.distributed:  # every rank must stop at the same step
+            dist.all_reduce(late, op=dist.ReduceOp.MAX)
+        return bool(late.item())
+
+    max_steps = int(tr["max_steps"])
+    position = (epoch, skip - 1)
+    it = iter(loader)
+    t_loop = time.time()  # trainer.max_time counts from here, as Lightning's Timer (set-up excluded)
+    rt.log(f"set-up took {t_loop - t_start:.1f} s")
+    while step < max_steps and not out_of_time():
+        t_step = time.time()
+        ep, index, batch = next(it)
+        position = (ep, index)
+        loss, parts = task.loss(ddp_model, batch, rt.device, rt.autocast_dtype)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tr["grad_clip"] or float("inf"))
+        opt.step()
+        lr = sched.get_last_lr()[0]
+        sched.step()
+        step += 1
+        value = loss.item()
+        if rt.distributed:  # report the mean over ranks
+            t = torch.tensor([value], device=rt.device)
+            dist.all_reduce(t)
+            value = float(t) / rt.world_size
+        clock["train"] += time.time() - t_step
+        clock["audio"] += float(batch.audio_lens.sum()) / 16000 * rt.world_size
+        history["losses"].append(value)
+        if rt.rank == 0:
+            log_f.write(json.dumps({"step": step, "loss": value, **{k: float(v.detach()) for k, v in parts.items()},
+                                    "lr": lr, "grad_norm": float(gnorm), "batch_size": len(batch.cuts),
+                                    "epoch": ep}) + "\n")
+        if step % int(tr["log_every"]) == 0 or step == 1:
+            extra = "".join(f"  {k} {float(v.detach()):.3f}" for k, v in parts.items()) if len(parts) > 1 else ""
+            rt.log(f"step {step:>6}  loss {value:.4f}{extra}  lr {lr:.2e}  grad_norm {float(gnorm):.2f}  "
+                   f"batch {len(batch.cuts)}  epoch {ep}  {clock['audio'] / max(clock['train'], 1e-9):.0f} audio s/s  "
+                   f"{(time.time() - t_start) / 60:.1f} min")
+        if tr["checkpoint_every"] and step % int(tr["checkpoint_every"]) == 0 and step < max_steps:
+            checkpoint(position)
+        if tr["val_check_interval"] and step % int(tr["val_check_interval"]) == 0 and step < max_steps:
+            run_validation()
+    if step < max_steps:
+        rt.log(f"trainer.max_time reached after {(time.time() - t_loop) / 60:.1f} min of training, at step {step}")
+    checkpoint(position)
+    if rt.rank == 0:
+        from serinus.checkpoint import save_any
+
+        save_any(model, out_dir / "model")
+        rt.log(f"final model: {out_dir / 'model'} (serinus transcribe --model {out_dir / 'model'})")
+    run_validation()
+    if log_f is not None:
+        log_f.close()
+    return history
