@@ -660,14 +660,16 @@ def decode_units(model, units: list[Unit], decoding: DecodingConfig, encode_rows
     features in memory at once; the decoder then sees all rows as one batch."""
     rows = encode_rows or len(units)
     longest = max(len(u.samples) for u in units)
+    joint = decoding.ctc_weight > 0 and getattr(model, "ctc_head", None) is not None
     parts = []
     for start in range(0, len(units), rows):
         audio, lengths = collate_audio([u.samples for u in units[start : start + rows]], model.device, longest)
-        parts.append(model.encode(audio, lengths))
+        parts.append(model.encode_with_ctc(audio, lengths) if joint else model.encode(audio, lengths) + (None,))
         del audio
     states = torch.cat([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
     mask = torch.cat([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
     enc_lengths = torch.cat([p[2] for p in parts]) if len(parts) > 1 else parts[0][2]
+    ctc_log_probs = (torch.cat([p[3] for p in parts]) if len(parts) > 1 else parts[0][3]) if joint else None
     del parts
     for unit, n in zip(units, enc_lengths.tolist()):
         unit.encoded_len = int(n)
@@ -685,6 +687,7 @@ def decode_units(model, units: list[Unit], decoding: DecodingConfig, encode_rows
                                     tok.vocab_size)
             for row, ids in zip(group, outputs):
                 hyps[row] = Hypothesis(y_sequence=_strip_pad(ids, tok.pad_id))
+            candidates = [[hyps[r].y_sequence] for r in group]
         else:
             outputs = beam_search(model.decoder, states[index], mask[index], prompts, limits, tok.eos_id,
                                   tok.pad_id, decoding.beam_size, decoding.length_penalty, tok.vocab_size)
@@ -694,6 +697,15 @@ def decode_units(model, units: list[Unit], decoding: DecodingConfig, encode_rows
                 if decoding.return_nbest:
                     hyp.nbest = [Hypothesis(y_sequence=ids, score=score) for ids, score in beams]
                 hyps[row] = hyp
+            candidates = [[ids for ids, _ in beams] for beams in outputs]
+        if joint:  # the CTC head's vote between the decoder's candidates and its own best path
+            from serinus.joint_decoding import rescore
+
+            picked = rescore(model.decoder, states[index], mask[index], ctc_log_probs[index], enc_lengths[index],
+                             [units[r].prompt for r in group], candidates, decoding.ctc_weight, model.ctc_blank_id,
+                             tok.eos_id, tok.pad_id, frozenset(tok.special_tokens.values()), tok.vocab_size)
+            for row, (ids, score) in zip(group, picked):
+                hyps[row].y_sequence, hyps[row].score = ids, score
     for hyp in hyps:
         hyp.text = tok.ids_to_text(hyp.y_sequence)
         for h in hyp.nbest:

@@ -153,6 +153,14 @@ class CanaryModel(nn.Module):
         states = self.encoder_decoder_proj(encoded.transpose(1, 2))
         return states, time_mask(lengths, states.shape[1]), lengths
 
+    def encode_with_ctc(self, audio: Tensor, audio_lengths: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """`encode` plus the CTC head's log-probs [B, T, V+1] (float32) from the same encoder pass."""
+        encoded, lengths = self.encode_raw(audio, audio_lengths)
+        hidden = encoded.transpose(1, 2)
+        states = self.encoder_decoder_proj(hidden)
+        return (states, time_mask(lengths, states.shape[1]), lengths,
+                torch.log_softmax(self.ctc_head(hidden).float(), dim=-1))
+
     def forward(self, audio: Tensor, audio_lengths: Tensor, tokens: Tensor, token_lengths: Tensor) -> Tensor:
         """Teacher-forced log-probs [B, L, V] for decoder inputs `tokens` [B, L] (prompt + text)."""
         states, mask, _ = self.encode(audio, audio_lengths)

@@ -225,9 +225,14 @@ def load_cuts(ds: dict, tokenizer=None, prompt_format: str = "canary2"):
 
 
 def build_sampler(ds: dict, cuts, seed: int, world_size: int, rank: int):
-    from serinus.data.bucketing import make_sampler, measure
+    from serinus.data.bucketing import bins_from_lengths, make_sampler, measure
 
     bins = ds["bucket_duration_bins"]
+    if bins is None and ds["batch_duration"] is not None and ds["bucket_batch_size"] is None \
+            and ds["batch_size"] is None and int(ds["num_buckets"]) > 1:
+        # a duration budget without bins: estimate them, or every batch would be sized for the longest cut
+        durs, toks = measure(cuts)
+        bins = bins_from_lengths(durs, toks, int(ds["num_buckets"]), 2)[0]
     if bins is None:  # one bucket holding everything: plain batching
         durs, toks = measure(cuts)
         bins = [[math.ceil(float(durs.max()) * 1000) / 1000, int(toks.max())]]
