@@ -300,7 +300,9 @@ def resolve_hub_id(repo_id: str) -> Path:
     except LocalEntryNotFoundError as e:
         raise CheckpointError(
             f"{repo_id}: not in the local Hugging Face cache and it cannot be downloaded now "
-            f"(offline or no network): {e}"
+            f"(offline or no network). Use a local checkpoint instead (--model path/to/model.nemo, or a "
+            f"folder written by save_pretrained), or download it once on a machine with network and set "
+            f"HF_HUB_OFFLINE=1 to use the cached copy. ({type(e).__name__})"
         ) from e
     except HfHubHTTPError as e:
         raise CheckpointError(f"{repo_id}: could not fetch from the Hugging Face Hub: {e}") from e

@@ -123,3 +123,32 @@ def test_ctc_task_refuses_an_aggregate_tokenizer(tmp_path):
     cfg = small(tmp_path, f"tokenizer.dir={tmp_path / 'agg'}", model_type="ctc")
     with pytest.raises(T.ConfigError, match="one SentencePiece"):
         T.make_task(cfg).build_model(T.build_tokenizer(cfg))
+
+
+def test_ctc_counts_only_transcription_rows_and_follows_its_schedule(tmp_path):
+    from serinus.data.dataset import PromptedDataset
+
+    ast = DATA / "synth-v1" / "ast_train.jsonl"
+    cfg = small(tmp_path, "model.ctc_weight=0.3", "model.spec_augment=null", "model.ctc_weight_start=0.9",
+                "model.ctc_weight_steps=10", "train_ds.source_langs=null", "train_ds.target_langs=null",
+                f"train_ds.manifest_filepath=[{TRAIN},{ast}]", "train_ds.lang_pairs=[en-en,en-de]")
+    task = T.make_task(cfg)
+    tok = T.build_tokenizer(cfg)
+    torch.manual_seed(0)
+    model = task.build_model(tok).eval()
+    cuts = list(T.load_cuts(cfg["train_ds"]))
+    pairs = {(c.supervisions[0].custom or {}).get("source_lang", "en") + "-"
+             + (c.supervisions[0].custom or {}).get("target_lang", "en") for c in cuts}
+    assert pairs == {"en-en", "en-de"}
+    asr = [c for c in cuts if (c.supervisions[0].custom or {}).get("target_lang") == "en"][:2]
+    ast_cuts = [c for c in cuts if (c.supervisions[0].custom or {}).get("target_lang") == "de"][:2]
+    ds = PromptedDataset(tok, "canary2")
+    _, mixed = task.loss(model, ds[asr + ast_cuts], torch.device("cpu"))
+    _, only_asr = task.loss(model, ds[asr], torch.device("cpu"))
+    torch.testing.assert_close(mixed["ctc"], only_asr["ctc"], atol=1e-5, rtol=1e-4)  # AST rows add nothing
+    loss, parts = task.loss(model.train(), ds[asr], torch.device("cpu"))  # step 0 of the schedule: w = 0.9
+    torch.testing.assert_close(loss, 0.9 * parts["ctc"] + 0.1 * parts["attention"])
+    task.step = 5
+    assert abs(task.ctc_weight(0.3) - 0.6) < 1e-9
+    task.step = 50
+    assert task.ctc_weight(0.3) == 0.3

@@ -273,3 +273,5 @@ def test_cli_default_model_from_an_offline_cache(tmp_path):
                            "--model", "nvidia/canary-180m-flash"], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 2
     assert "nvidia/canary-180m-flash: not in the local Hugging Face cache" in proc.stderr
+    # the error names the offline ways out: a local checkpoint, or a cached copy with HF_HUB_OFFLINE
+    assert ".nemo" in proc.stderr and "HF_HUB_OFFLINE=1" in proc.stderr

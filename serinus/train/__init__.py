@@ -2,10 +2,13 @@
 
     serinus train --config configs/canary_tiny.yaml trainer.max_steps=200 model.encoder.n_layers=2
     serinus train --config configs/synth_en.yaml                      # the English recipe (30 min, CPU)
+    serinus train --config-path DIR --config-name fast-conformer_aed.yaml model.prompt_format=canary2 ...
+                                                                      # NeMo's own config and overrides
     torchrun --nproc_per_node 8 -m serinus.train --config ...          # DDP: one process per device
 
 The pieces, in the order data flows:
     config.py  the schema (`DEFAULTS`), YAML + dotted overrides, checks
+    nemo_config.py  NeMo's training config (fast-conformer_aed.yaml) -> that schema
     tasks.py   per model type: build the model, the loss of a batch, validation (AED, CTC)
     loop.py    runtime set-up, data, resume, the steps, checkpoints
 """
@@ -13,7 +16,9 @@ The pieces, in the order data flows:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 from serinus.train.config import DEFAULTS, ConfigError, load_config, parse_max_time
 from serinus.train.loop import (build_optimizer, build_tokenizer, init_weights, last_checkpoint, load_cuts,
@@ -36,17 +41,48 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train or fine-tune a Canary (AED) or CTC model. Multi-GPU: torchrun --nproc_per_node N "
                     "-m serinus.train ...",
     )
-    p.add_argument("--config", help="YAML config (see configs/canary_tiny.yaml, configs/synth_en.yaml)")
+    p.add_argument("--config", help="YAML config (see configs/canary_tiny.yaml, configs/synth_en.yaml), or "
+                                    "a NeMo training config such as fast-conformer_aed.yaml")
+    p.add_argument("--config-path", "-cp", help="Hydra style: the folder of --config-name (relative to the "
+                                                "current directory)")
+    p.add_argument("--config-name", "-cn", help="Hydra style: the config file in --config-path (.yaml optional)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in trainer.out_dir")
     p.add_argument("--print-config", action="store_true", help="print the merged config and exit")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.encoder.n_layers=2 trainer.max_steps=100")
     return p
 
 
+def _config_file(args) -> str | None:
+    if args.config_name is None:
+        if args.config_path is not None:
+            raise ConfigError("--config-path needs --config-name")
+        return args.config
+    if args.config is not None:
+        raise ConfigError("give --config FILE or --config-path DIR --config-name NAME, not both")
+    path = Path(args.config_path or ".") / args.config_name
+    if not path.is_file() and path.suffix not in (".yaml", ".yml"):
+        path = path.with_name(path.name + ".yaml")
+    if not path.is_file():
+        raise ConfigError(f"--config-path/--config-name: no such file {path}")
+    return str(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        from serinus.train.nemo_config import is_nemo_config_file, load_nemo_config
+
+        path = _config_file(args)
+        if path is not None and is_nemo_config_file(path):
+            cfg, ignored, notes = load_nemo_config(path, args.overrides)
+            if os.environ.get("RANK", "0") == "0":
+                for line in notes:
+                    print(f"serinus train: {line}", file=sys.stderr)
+                if ignored:
+                    print("serinus train: warning: NeMo settings Serinus does not act on: " + ", ".join(ignored),
+                          file=sys.stderr)
+        else:
+            cfg = load_config(path, args.overrides)
         if args.resume:
             cfg["trainer"]["resume"] = True
         if args.print_config:

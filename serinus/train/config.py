@@ -35,6 +35,8 @@ DEFAULTS = {
         "use_loss_mask_for_prompt": True,  # loss on answer + EOS only, not on the prompt tokens
         "label_smoothing": 0.0,
         "ctc_weight": 0.0,  # aed: loss = w * CTC(encoder) + (1 - w) * attention CE; 0: no CTC head
+        "ctc_weight_start": None,  # a schedule: w goes linearly from this to ctc_weight over ctc_weight_steps
+        "ctc_weight_steps": 0,
         "spec_augment": dict(SPEC_AUGMENT),  # training only; null disables it
         "features": {},
         "encoder": {},
@@ -46,16 +48,21 @@ DEFAULTS = {
         "from_checkpoint": None,  # a .nemo file or Serinus model folder whose tokenizer to use
         "vocab_size": None,  # build `dir` when it does not exist yet, from train_ds's text: spl_tokens + one
                              # BPE of this size per target language (aed), or one BPE (ctc)
+        "langs": None,  # or an ordered mapping {spl_tokens: DIR, en: DIR, ...}: NeMo's aggregate tokenizer, with
+                        # ids in this order (NeMo's model.tokenizer.langs); each DIR holds a tokenizer.model
     },
     "init_from": {
         "path": None,  # .nemo or Serinus model folder to initialise weights from (fine-tuning)
         "include": [],  # parameter-name prefixes to load (empty: all)
         "exclude": [],  # parameter-name prefixes not to load (wins over include)
+        "match": "prefix",  # prefix: include/exclude are prefixes of Serinus names; nemo_substring: substrings
+                            # of NeMo's parameter names (NeMo's init_from_* rule), whatever the checkpoint's format
     },
     "train_ds": {
         "manifest_filepath": None,  # one path or a list
         "source_langs": None,  # keep only lines whose source_lang is listed (e.g. [en]); None: all
         "target_langs": None,  # keep only lines whose target_lang is listed; None: all
+        "lang_pairs": None,  # keep only lines whose "source-target" is listed (ASR: "en-en"); None: all
         "limit": None,  # use only the first N lines of each manifest (smoke tests, overfitting)
         "bucket_duration_bins": None,  # [[max_duration, max_tokens], ...]; None: one bucket for all
         "bucket_batch_size": None,  # one per bin (e.g. from `serinus oomptimize`)
@@ -74,6 +81,7 @@ DEFAULTS = {
         "manifest_filepath": None,
         "source_langs": None,
         "target_langs": None,
+        "lang_pairs": None,
         "limit": None,
         "batch_size": 8,
     },
@@ -91,6 +99,7 @@ DEFAULTS = {
         "checkpoint_every": 500,
         "keep_checkpoints": 2,
         "log_every": 10,
+        "accumulate_grad_batches": 1,  # one optimizer step per N batches (gradients summed; a step = N batches)
         "grad_clip": 1.0,
         "precision": "32",  # "32" or "bf16" (autocast)
         "out_dir": "runs/canary",
@@ -145,8 +154,20 @@ def _check_values(cfg: dict) -> None:
     m = cfg["model"]
     if m["type"] not in MODEL_TYPES:
         raise ConfigError(f"model.type must be one of {', '.join(MODEL_TYPES)}, got {m['type']!r}")
-    if not 0.0 <= float(m["ctc_weight"]) <= 1.0:
-        raise ConfigError(f"model.ctc_weight must be in [0, 1], got {m['ctc_weight']!r}")
+    for key in ("ctc_weight", "ctc_weight_start"):
+        if m[key] is not None and not 0.0 <= float(m[key]) <= 1.0:
+            raise ConfigError(f"model.{key} must be in [0, 1], got {m[key]!r}")
+    if m["ctc_weight_start"] is not None and not float(m["ctc_weight"]) > 0:
+        raise ConfigError("model.ctc_weight_start needs model.ctc_weight > 0 (the model has no CTC head otherwise)")
+    if cfg["init_from"]["match"] not in ("prefix", "nemo_substring"):
+        raise ConfigError(f"init_from.match must be prefix or nemo_substring, got {cfg['init_from']['match']!r}")
+    accumulate = cfg["trainer"]["accumulate_grad_batches"]
+    if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
+        raise ConfigError(f"trainer.accumulate_grad_batches must be an integer >= 1, got {accumulate!r}")
+    langs = cfg["tokenizer"]["langs"]
+    if langs is not None and (not isinstance(langs, dict) or "spl_tokens" not in langs
+                              or not all(isinstance(v, str) for v in langs.values())):
+        raise ConfigError(f"tokenizer.langs must map spl_tokens and each language to a folder, got {langs!r}")
     if cfg["trainer"]["precision"] not in ("32", "bf16"):
         raise ConfigError(f"trainer.precision must be '32' or 'bf16', got {cfg['trainer']['precision']!r}")
     parse_max_time(cfg["trainer"]["max_time"])

@@ -14,6 +14,7 @@ the uninterrupted run would have had. The final model is also written to `<out_d
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -76,6 +77,10 @@ def build_tokenizer(cfg: dict, rt: Runtime | None = None):
     from serinus.data.bucketing import open_tokenizer
 
     tok = cfg["tokenizer"]
+    if tok.get("langs"):  # NeMo's aggregate tokenizer, in the config's order (ids follow it)
+        from serinus.train.nemo_config import langs_tokenizer
+
+        return langs_tokenizer(tok["langs"])
     if tok["dir"] and tok.get("vocab_size") and not Path(tok["dir"]).exists():
         if rt is not None and rt.distributed:
             raise ConfigError("tokenizer.vocab_size: build the tokenizer before a torchrun job (run once without it)")
@@ -118,19 +123,25 @@ def train_tokenizer(cfg: dict, out: Path, vocab_size: int) -> None:
     os.replace(tmp, out)
 
 
-def _selected(name: str, include: list[str], exclude: list[str]) -> bool:
+def _selected(name: str, include: list[str], exclude: list[str], match: str = "prefix") -> bool:
+    if match == "nemo_substring":  # NeMo's rule, on NeMo's names for this parameter
+        from serinus.train.nemo_config import nemo_selected
+
+        return nemo_selected(name, include, exclude)
     if any(name.startswith(p) for p in exclude):
         return False
     return not include or any(name.startswith(p) for p in include)
 
 
-def init_weights(model, state: dict, include: list[str], exclude: list[str], where: str) -> list[str]:
-    """Copy the selected parameters (by name prefix) of `state` into `model`; returns their names.
+def init_weights(model, state: dict, include: list[str], exclude: list[str], where: str,
+                 match: str = "prefix") -> list[str]:
+    """Copy the selected parameters (by name prefix, or NeMo's substring rule) of `state` into `model`;
+    returns their names.
 
     A selected name the model lacks, or with another shape, is an error: exclude it explicitly
     (e.g. `decoder.token_embedding`, `decoder.head_bias` for a new tokenizer)."""
     own = model.state_dict()
-    chosen = {k: v for k, v in state.items() if _selected(k, include, exclude)}
+    chosen = {k: v for k, v in state.items() if _selected(k, include, exclude, match)}
     if not chosen:
         raise ConfigError(f"init_from: no parameter of {where} matches include={include} exclude={exclude}")
     absent = [k for k in chosen if k not in own]
@@ -159,7 +170,7 @@ def build_model(cfg: dict, task, tokenizer, rt: Runtime):
                              else None)
     if init is not None:
         names = init_weights(model, init.state_dict(), cfg["init_from"]["include"], cfg["init_from"]["exclude"],
-                             str(cfg["init_from"]["path"]))
+                             str(cfg["init_from"]["path"]), cfg["init_from"].get("match", "prefix"))
         rt.log(f"init_from {cfg['init_from']['path']}: loaded {len(names)} of {len(model.state_dict())} tensors")
     return model.to(rt.device).train()
 
@@ -192,7 +203,9 @@ def _keep(entry, ds: dict) -> bool:
     src, tgt = ds.get("source_langs"), ds.get("target_langs")
     source = entry.extra.get("source_lang") or entry.lang
     target = entry.lang or source
-    return (not src or source in src) and (not tgt or target in tgt)
+    pairs = ds.get("lang_pairs")
+    return ((not src or source in src) and (not tgt or target in tgt)
+            and (not pairs or f"{source}-{target}" in pairs))
 
 
 def load_cuts(ds: dict, tokenizer=None, prompt_format: str = "canary2"):
@@ -216,7 +229,7 @@ def load_cuts(ds: dict, tokenizer=None, prompt_format: str = "canary2"):
         cuts.extend(manifest_to_cuts(m, id_prefix=prefix))
     if not cuts:
         raise ConfigError(f"no manifest line of {', '.join(paths)} passes source_langs={ds.get('source_langs')} "
-                          f"target_langs={ds.get('target_langs')}")
+                          f"target_langs={ds.get('target_langs')} lang_pairs={ds.get('lang_pairs')}")
     cuts = CutSet.from_cuts(cuts)
     if tokenizer is not None:
         cuts = CutSet.from_cuts(list(attach_num_tokens(cuts, tokenizer, prompt_format,
@@ -458,38 +471,48 @@ def train(cfg: dict) -> dict:
         return bool(late.item())
 
     max_steps = int(tr["max_steps"])
+    accumulate = int(tr.get("accumulate_grad_batches") or 1)
     position = (epoch, skip - 1)
     it = iter(loader)
     t_loop = time.time()  # trainer.max_time counts from here, as Lightning's Timer (set-up excluded)
     rt.log(f"set-up took {t_loop - t_start:.1f} s")
     while step < max_steps and not out_of_time():
         t_step = time.time()
-        ep, index, batch = next(it)
-        position = (ep, index)
-        loss, parts = task.loss(ddp_model, batch, rt.device, rt.autocast_dtype)
+        task.step = step
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        value, parts, n_cuts, audio_s = 0.0, {}, 0, 0.0
+        for micro in range(accumulate):  # trainer.accumulate_grad_batches: gradients of N batches, one step
+            ep, index, batch = next(it)
+            position = (ep, index)
+            hold = rt.distributed and micro < accumulate - 1  # DDP all-reduces on the last backward only
+            with ddp_model.no_sync() if hold else contextlib.nullcontext():
+                loss, micro_parts = task.loss(ddp_model, batch, rt.device, rt.autocast_dtype)
+                (loss / accumulate).backward()
+            value += loss.item() / accumulate
+            for k, v in micro_parts.items():
+                parts[k] = parts.get(k, 0.0) + v.detach() / accumulate
+            n_cuts += len(batch.cuts)
+            audio_s += float(batch.audio_lens.sum()) / 16000
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tr["grad_clip"] or float("inf"))
         opt.step()
         lr = sched.get_last_lr()[0]
         sched.step()
         step += 1
-        value = loss.item()
         if rt.distributed:  # report the mean over ranks
             t = torch.tensor([value], device=rt.device)
             dist.all_reduce(t)
             value = float(t) / rt.world_size
         clock["train"] += time.time() - t_step
-        clock["audio"] += float(batch.audio_lens.sum()) / 16000 * rt.world_size
+        clock["audio"] += audio_s * rt.world_size
         history["losses"].append(value)
         if rt.rank == 0:
             log_f.write(json.dumps({"step": step, "loss": value, **{k: float(v.detach()) for k, v in parts.items()},
-                                    "lr": lr, "grad_norm": float(gnorm), "batch_size": len(batch.cuts),
+                                    "lr": lr, "grad_norm": float(gnorm), "batch_size": n_cuts,
                                     "epoch": ep}) + "\n")
         if step % int(tr["log_every"]) == 0 or step == 1:
             extra = "".join(f"  {k} {float(v.detach()):.3f}" for k, v in parts.items()) if len(parts) > 1 else ""
             rt.log(f"step {step:>6}  loss {value:.4f}{extra}  lr {lr:.2e}  grad_norm {float(gnorm):.2f}  "
-                   f"batch {len(batch.cuts)}  epoch {ep}  {clock['audio'] / max(clock['train'], 1e-9):.0f} audio s/s  "
+                   f"batch {n_cuts}  epoch {ep}  {clock['audio'] / max(clock['train'], 1e-9):.0f} audio s/s  "
                    f"{(time.time() - t_start) / 60:.1f} min")
         if tr["checkpoint_every"] and step % int(tr["checkpoint_every"]) == 0 and step < max_steps:
             checkpoint(position)

@@ -33,6 +33,14 @@ def normalize_text(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
+def _is_asr(cut) -> bool:
+    from serinus.data.dataset import cut_slots
+
+    slots = cut_slots(cut)
+    src = slots.get("source_lang") or cut.supervisions[0].language
+    return (slots.get("target_lang") or src) == src
+
+
 def _spec_augment(m: dict) -> SpecAugmentConfig | None:
     return SpecAugmentConfig(**m["spec_augment"]) if m["spec_augment"] else None
 
@@ -72,6 +80,15 @@ class AEDTask:
     def __init__(self, cfg: dict):
         self.cfg = cfg
         self.train_texts: set[str] = set()  # filled by the loop: validation reports WER on unseen lines
+        self.step = 0  # set by the loop: the CTC weight schedule reads it
+
+    def ctc_weight(self, final: float) -> float:
+        """model.ctc_weight, or its schedule: linear from ctc_weight_start to ctc_weight over ctc_weight_steps."""
+        m = self.cfg["model"]
+        start, steps = m["ctc_weight_start"], int(m["ctc_weight_steps"] or 0)
+        if start is None or steps <= 0 or self.step >= steps:
+            return final
+        return float(start) + (final - float(start)) * self.step / steps
 
     def model_config(self, tokenizer, init_cfg: CanaryConfig | None = None) -> CanaryConfig:
         m = self.cfg["model"]
@@ -126,10 +143,16 @@ class AEDTask:
         parts = {"attention": attention}
         if ctc_log_probs is None or mcfg.ctc_weight <= 0:
             return attention, parts
-        ctc = ctc_loss(ctc_log_probs, enc_lens, batch.transcript.to(device), batch.transcript_lens.to(device),
-                       blank=mcfg.decoder.vocab_size)
+        # CTC spells what is said: only transcription rows count (a translation is not monotonic in the audio)
+        asr = torch.tensor([_is_asr(c) for c in batch.cuts], device=device)
+        if not bool(asr.any()):
+            return (1.0 - mcfg.ctc_weight) * attention, parts
+        per_utt = ctc_loss(ctc_log_probs, enc_lens, batch.transcript.to(device), batch.transcript_lens.to(device),
+                           blank=mcfg.decoder.vocab_size, reduction="none")
+        per_token = per_utt / batch.transcript_lens.to(device).clamp(min=1)
+        ctc = per_token[asr].mean()
         parts["ctc"] = ctc
-        w = mcfg.ctc_weight
+        w = self.ctc_weight(mcfg.ctc_weight) if core.training else mcfg.ctc_weight
         return w * ctc + (1.0 - w) * attention, parts
 
     @torch.no_grad()

@@ -1,0 +1,787 @@
+"""NeMo's training config, unchanged: `fast-conformer_aed.yaml` + Hydra overrides -> Serinus's config.
+
+    serinus train --config-path config --config-name fast-conformer_aed.yaml name=canary-small \\
+        model.prompt_format=canary2 model.train_ds.manifest_filepath=train.jsonl ... trainer.max_steps=10
+
+A NeMo config (a top-level `model:` holding `train_ds` or `transf_decoder`) is translated here, in
+one place, into the dict that `serinus.train.config.DEFAULTS` describes; from there on it is an
+ordinary Serinus run (`--print-config` shows the translation). Each NeMo key is one of
+
+  acted on       translated below (`translate`; docs/training.md has the table);
+  the same       a value that matches what Serinus does anyway (`SAME`, `MOOT`): silent;
+  not acted on   a key NeMo knows, with a value Serinus does not reproduce: all of them listed
+                 once, in one warning line;
+  unknown        to both: an error naming it and the nearest valid key.
+
+Overrides follow Hydra: `key=value` sets a key the config has (or one NeMo reads, listed here),
+`+key=value` / `++key=value` add one, `~key` removes one; `${...}` interpolations (model_defaults)
+resolve after the overrides. Settings only Serinus has go under a top-level `serinus:` section,
+e.g. `serinus.trainer.checkpoint_every=100`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import warnings
+from pathlib import Path
+
+from serinus.train.config import DEFAULTS, ConfigError, _check_keys, _check_values, _unknown
+
+MISSING = "???"  # OmegaConf's mandatory value
+
+TOP_LEVEL = tuple("""name model trainer exp_manager spl_tokens init_from_nemo_model init_from_pretrained_model
+    init_from_ptl_ckpt init_strict serinus hydra""".split())
+LIGHTNING_TRAINER = tuple("""accelerator strategy devices num_nodes precision logger callbacks fast_dev_run max_epochs
+    min_epochs max_steps min_steps max_time limit_train_batches limit_val_batches limit_test_batches
+    limit_predict_batches overfit_batches val_check_interval check_val_every_n_epoch num_sanity_val_steps
+    log_every_n_steps enable_checkpointing enable_progress_bar enable_model_summary accumulate_grad_batches
+    gradient_clip_val gradient_clip_algorithm deterministic benchmark inference_mode use_distributed_sampler profiler
+    detect_anomaly barebones plugins sync_batchnorm reload_dataloaders_every_n_epochs default_root_dir
+    model_registry""".split())  # lightning.pytorch.Trainer's arguments: NeMo passes trainer: to it
+EXP_MANAGER = tuple("""explicit_log_dir exp_dir name version use_datetime_version resume_if_exists resume_past_end
+    resume_ignore_no_checkpoint resume_from_checkpoint create_tensorboard_logger summary_writer_kwargs
+    create_wandb_logger wandb_logger_kwargs create_mlflow_logger mlflow_logger_kwargs create_dllogger_logger
+    dllogger_logger_kwargs create_clearml_logger clearml_logger_kwargs create_neptune_logger neptune_logger_kwargs
+    create_checkpoint_callback checkpoint_callback_params create_early_stopping_callback
+    early_stopping_callback_params create_preemption_callback files_to_copy log_step_timing step_timing_kwargs
+    log_local_rank_0_only log_global_rank_0_only disable_validation_on_resume ema max_time_per_run
+    seconds_to_sleep create_straggler_detection_callback straggler_detection_params create_fault_tolerance_callback
+    fault_tolerance log_tflops_per_sec_per_gpu""".split())  # nemo.utils.exp_manager.ExpManagerConfig
+LHOTSE_DATASET = tuple("""use_lhotse input_cfg manifest_filepath tarred_audio_filepaths cuts_path shar_path
+    skip_missing_manifest_entries batch_size batch_duration quadratic_duration use_bucketing bucket_batch_size
+    num_buckets num_cuts_for_bins_estimate bucket_duration_bins bucket_buffer_size concurrent_bucketing
+    bucketing_2d_strict_mode shuffle_buffer_size drop_last shard_seed max_open_streams multi_config sampler_fusion
+    sampler_weights pretokenize prompt_format use_multimodal_sampling token_equivalent_duration batch_tokens
+    quadratic_factor min_duration max_duration min_tps max_tps min_tokens max_tokens measure_total_length min_tpt
+    max_tpt shuffle sample_rate seed num_workers pin_memory channel_selector noise_path noise_snr noise_mix_prob
+    perturb_speed concatenate_samples concatenate_gap_seconds concatenate_duration_factor
+    concatenate_merge_supervisions db_norm truncate_duration truncate_offset_type cut_into_windows_duration
+    cut_into_windows_hop keep_excessive_supervisions rir_enabled rir_path rir_prob pad_min_duration pad_direction
+    text_field lang_field metadata_only force_finite force_map_dataset force_iterable_dataset
+    use_start_end_token""".split())  # nemo...lhotse.dataloader.LhotseDataLoadingConfig + the classic keys
+NEMO_ENCODER = tuple("""_target_ feat_in n_layers d_model feat_out causal_downsampling subsampling subsampling_factor
+    subsampling_conv_chunking_factor subsampling_conv_channels reduction reduction_position reduction_factor
+    ff_expansion_factor self_attention_model n_heads att_context_size att_context_probs att_context_style xscaling
+    untie_biases pos_emb_max_len conv_kernel_size conv_norm_type conv_context_size use_bias dropout
+    dropout_pre_encoder dropout_emb dropout_att stochastic_depth_drop_prob stochastic_depth_mode
+    stochastic_depth_start_layer global_tokens global_tokens_spacing global_attn_separate use_pytorch_sdpa
+    use_pytorch_sdpa_backends sync_max_audio_length""".split())  # ConformerEncoder's arguments
+NEMO_DECODER = tuple("""hidden_size num_layers inner_size num_attention_heads max_sequence_length num_token_types
+    embedding_dropout learn_positional_encodings ffn_dropout attn_score_dropout attn_layer_dropout hidden_act pre_ln
+    pre_ln_final_layer_norm vocab_size""".split())  # transf_decoder.config_dict
+NEMO_PREPROCESSOR = tuple("""_target_ sample_rate window_size window_stride n_window_size n_window_stride window
+    normalize n_fft preemph features lowfreq highfreq log log_zero_guard_type log_zero_guard_value dither pad_to
+    frame_splicing exact_pad pad_value mag_power rng nb_augmentation_prob nb_max_freq use_torchaudio mel_norm
+    stft_exact_pad stft_conv""".split())  # AudioToMelSpectrogramPreprocessor's arguments
+NEMO_SPEC_AUGMENT = tuple("""_target_ freq_masks time_masks freq_width time_width rect_masks rect_time rect_freq rng
+    mask_value use_vectorized_spec_augment use_numba_spec_augment""".split())
+NEMO_OPTIM = tuple("name lr betas weight_decay eps amsgrad momentum foreach fused capturable".split())
+
+# what the Serinus side reads besides the dataclass fields (EncoderConfig/FeatureConfig/DecoderConfig.from_nemo)
+ENCODER_READ = ("feat_out", "causal_downsampling", "att_context_size", "reduction", "subsampling_conv_channels")
+PREPROCESSOR_READ = ("_target_", "features", "nfilt", "n_mels", "n_window_size", "n_window_stride",
+                     "frame_splicing", "exact_pad", "stft_exact_pad", "stft_conv", "use_torchaudio", "mel_norm")
+DECODER_READ = ("hidden_size", "inner_size", "num_layers", "num_attention_heads", "max_sequence_length",
+                "hidden_act", "ffn_dropout", "pre_ln", "learn_positional_encodings")
+SPEC_AUGMENT_READ = ("freq_masks", "freq_width", "time_masks", "time_width")
+
+# keys NeMo reads that an override may set where the YAML does not have them ("*": any name, "**": below)
+KNOWN = [(k,) for k in TOP_LEVEL] + [("serinus", "**"), ("trainer", "strategy", "**")]
+KNOWN += [(init, "*", f) for init in ("init_from_nemo_model", "init_from_pretrained_model", "init_from_ptl_ckpt")
+          for f in ("path", "name", "include", "exclude")]
+KNOWN += [("spl_tokens", k) for k in ("model_dir", "tokens", "force_rebuild")]
+KNOWN += [("trainer", k) for k in LIGHTNING_TRAINER]
+KNOWN += [("exp_manager", k) for k in EXP_MANAGER] + [("exp_manager", k, "**") for k in EXP_MANAGER]
+KNOWN += [("model", ds, k) for ds in ("train_ds", "validation_ds", "test_ds") for k in LHOTSE_DATASET]
+KNOWN += [("model", "tokenizer", k) for k in ("dir", "type", "langs")]
+KNOWN += [("model", "tokenizer", "langs", "*", k) for k in ("dir", "type")]
+KNOWN += [("model", "encoder", k) for k in NEMO_ENCODER]
+KNOWN += [("model", "transf_decoder", "config_dict", k) for k in NEMO_DECODER]
+KNOWN += [("model", "preprocessor", k) for k in NEMO_PREPROCESSOR]
+KNOWN += [("model", "spec_augment", k) for k in NEMO_SPEC_AUGMENT]
+KNOWN += [("model", "optim", k) for k in NEMO_OPTIM] + [("model", "optim", "sched", "**")]
+KNOWN += [("model", "decoding", k) for k in ("strategy", "return_best_hypothesis")]
+KNOWN += [("model", "decoding", k, "**") for k in ("beam", "greedy")]
+KNOWN += [("model", k) for k in ("prompt_format", "prompt_defaults", "sample_rate", "label_smoothing",
+                                 "use_loss_mask_for_prompt", "log_prediction", "model_defaults")]
+KNOWN += [("model", "model_defaults", "*")]
+
+_NEMO = "nemo.collections."
+# NeMo keys whose value here is what Serinus does anyway (silent); another value is "not acted on"
+SAME = {
+    "spl_tokens.force_rebuild": False, "model.log_prediction": True, "model.prompt_defaults": None,
+    "model.multitask_metrics_cfg.log_predictions": True,
+    "model.multitask_metrics_cfg.metrics.wer._target_": _NEMO + "asr.metrics.WER",
+    "model.multitask_metrics_cfg.metrics.wer.constraint": ".source_lang==.target_lang",
+    "model.multitask_metrics_cfg.metrics.bleu._target_": _NEMO + "asr.metrics.BLEU",
+    "model.multitask_metrics_cfg.metrics.bleu.constraint": ".source_lang!=.target_lang",
+    "model.multitask_metrics_cfg.metrics.bleu.bleu_tokenizer": "13a",
+    "model.multitask_metrics_cfg.metrics.bleu.check_cuts_for_bleu_tokenizers": False,
+    "model.train_ds.use_lhotse": True, "model.train_ds.bucket_buffer_size": 20000,
+    "model.train_ds.text_field": "text", "model.train_ds.lang_field": "target_lang",
+    "model.validation_ds.use_lhotse": True, "model.validation_ds.shuffle": False,
+    "model.validation_ds.use_start_end_token": True, "model.validation_ds.use_bucketing": False,
+    "model.validation_ds.text_field": "text", "model.validation_ds.lang_field": "target_lang",
+    "model.tokenizer.custom_tokenizer._target_": _NEMO + "common.tokenizers.canary_tokenizer.CanaryTokenizer",
+    "model.tokenizer.custom_tokenizer.tokenizers": None,
+    "model.spec_augment._target_": _NEMO + "asr.modules.SpectrogramAugmentation",
+    "model.spec_augment.rect_masks": 0, "model.spec_augment.mask_value": 0.0,
+    "model.encoder._target_": _NEMO + "asr.modules.ConformerEncoder", "model.encoder.reduction_position": None,
+    "model.encoder.reduction_factor": 1, "model.encoder.conv_context_size": None,
+    "model.transf_decoder._target_": _NEMO + "asr.modules.transformer.get_nemo_transformer",
+    "model.transf_decoder.model_name": None, "model.transf_decoder.pretrained": False,
+    "model.transf_decoder.encoder": None, "model.transf_decoder.pre_ln_final_layer_norm": True,
+    "model.transf_decoder.config_dict.num_token_types": 0, "model.transf_decoder.config_dict.vocab_size": "None",
+    "model.head._target_": _NEMO + "asr.parts.submodules.token_classifier.TokenClassifier",
+    "model.head.log_softmax": True, "model.head.num_classes": "None", "model.head.dropout": 0.0,
+    "model.head.use_transformer_init": True, "model.decoding.return_best_hypothesis": True,
+    "model.loss._target_": _NEMO + "common.losses.smoothed_cross_entropy.SmoothedCrossEntropyLoss",
+    "model.loss.pad_id": None, "model.optim.sched.name": "InverseSquareRootAnnealing",
+    "trainer.max_epochs": -1, "trainer.strategy": "ddp",
+    "trainer.strategy._target_": "lightning.pytorch.strategies.DDPStrategy",
+    "trainer.strategy.gradient_as_bucket_view": True, "trainer.gradient_clip_algorithm": "norm",
+    "trainer.check_val_every_n_epoch": 1, "trainer.enable_checkpointing": False, "trainer.logger": False,
+    "trainer.use_distributed_sampler": False, "exp_manager.create_checkpoint_callback": True,
+    "exp_manager.resume_from_checkpoint": None, "exp_manager.resume_past_end": False,
+    **{f"exp_manager.create_{k}": False for k in ("wandb_logger", "mlflow_logger", "dllogger_logger",
+                                                  "clearml_logger", "neptune_logger", "early_stopping_callback")},
+}
+# keys (and prefixes) with no effect on what Serinus trains or writes, whatever their value
+MOOT = ("hydra", "model.test_ds", "model.validation_ds.num_workers", "model.validation_ds.pin_memory",
+        "model.train_ds.pin_memory", "model.decoding.beam.len_pen", "trainer.enable_progress_bar",
+        "trainer.enable_model_summary", "exp_manager.early_stopping_callback_params", "exp_manager.log_step_timing",
+        "exp_manager.step_timing_kwargs", "exp_manager.log_local_rank_0_only", "exp_manager.log_global_rank_0_only",
+        "exp_manager.seconds_to_sleep", "exp_manager.create_preemption_callback",
+        "exp_manager.disable_validation_on_resume") + tuple(
+    f"exp_manager.{k}_logger_kwargs" for k in ("wandb", "mlflow", "dllogger", "clearml", "neptune"))
+
+
+# ---------------------------------------------------------------------------------------------
+# detection, loading, overrides
+
+
+def is_nemo_config(cfg) -> bool:
+    """A NeMo training config: a top-level `model:` with `train_ds` or `transf_decoder` (Serinus's own
+    configs keep `train_ds` at the top level)."""
+    model = cfg.get("model") if isinstance(cfg, dict) else None
+    return isinstance(model, dict) and ("train_ds" in model or "transf_decoder" in model)
+
+
+def is_nemo_config_file(path) -> bool:
+    import yaml
+
+    try:
+        return is_nemo_config(yaml.safe_load(Path(path).read_text()))
+    except (OSError, yaml.YAMLError):
+        return False  # load_config reports it
+
+
+def _register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("multiply"):  # NeMo's, for inner_size: ${multiply:${...hidden}, 4}
+        with warnings.catch_warnings():  # omegaconf 2.4 renames register_new_resolver; both work
+            warnings.simplefilter("ignore")
+            OmegaConf.register_new_resolver("multiply", lambda x, y: x * y)
+
+
+def _matches(parts: tuple, pattern: tuple) -> bool:
+    for i, p in enumerate(pattern):
+        if p == "**":
+            return len(parts) > i
+        if i >= len(parts) or (p != "*" and p != parts[i]):
+            return False
+    return len(parts) == len(pattern)
+
+
+def _known(parts: tuple) -> bool:
+    return any(_matches(parts, p) for p in KNOWN)
+
+
+def _select(tree, parts):
+    node = tree
+    for p in parts:
+        if not isinstance(node, dict) or p not in node:
+            return False, None
+        node = node[p]
+    return True, node
+
+
+def _unknown_key(key: str, tree: dict) -> ConfigError:
+    """An error for `key`, at its first component neither the config nor NeMo has, with a suggestion."""
+    parts = tuple(key.split("."))
+    for i in range(len(parts)):
+        head = parts[: i + 1]
+        if not _select(tree, head)[0] and not any(_matches(head, p) or _matches(head, p[: i + 1]) for p in KNOWN):
+            found, node = _select(tree, parts[:i])
+            siblings = set(node) if found and isinstance(node, dict) else set()
+            siblings |= {p[i] for p in KNOWN if len(p) > i and p[i] not in ("*", "**")
+                         and all(q in ("*", "**") or q == r for q, r in zip(p[:i], parts[:i]))}
+            return _unknown(".".join(head), parts[i], siblings or {"(none)"})
+    return ConfigError(f"unknown config key {key!r}")
+
+
+def apply_overrides(cfg, overrides) -> None:
+    """Hydra's override grammar on an OmegaConf config: key=value, +key=value, ++key=value, ~key."""
+    from omegaconf import OmegaConf
+
+    tree = OmegaConf.to_container(cfg, resolve=False)
+    for item in overrides:
+        text = item.strip()
+        if text.startswith("~"):
+            key = text[1:].split("=", 1)[0]
+            parent, _, leaf = key.rpartition(".")
+            node = OmegaConf.select(cfg, parent) if parent else cfg
+            if node is None or leaf not in node:
+                raise ConfigError(f"override {item!r}: there is no {key} to remove")
+            del node[leaf]
+            continue
+        if "=" not in text:
+            raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
+        key, value = text.split("=", 1)
+        key = key.lstrip("+")  # +key / ++key: add (or set) a key the file does not have
+        parts = tuple(key.split("."))
+        if not _select(tree, parts)[0] and not _known(parts):
+            raise _unknown_key(key, tree)
+        parsed = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={value}"]))["v"]
+        OmegaConf.update(cfg, key, parsed, merge=False, force_add=True)
+        tree = OmegaConf.to_container(cfg, resolve=False)
+
+
+def _check_file_keys(tree: dict) -> None:
+    """The keys NeMo itself would refuse: top level, trainer (Lightning's Trainer), exp_manager."""
+    for key in tree:
+        if key not in TOP_LEVEL:
+            raise _unknown(key, key, TOP_LEVEL)
+    for section, allowed in (("trainer", LIGHTNING_TRAINER), ("exp_manager", EXP_MANAGER)):
+        for key in tree.get(section) or {}:
+            if key not in allowed:
+                raise _unknown(f"{section}.{key}", key, allowed)
+
+
+def load_nemo_config(path, overrides=()) -> tuple[dict, list[str], list[str]]:
+    """A NeMo config file + Hydra overrides -> (Serinus config, ignored NeMo settings, notes)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    _register_resolvers()
+    try:
+        cfg = OmegaConf.load(path)
+        apply_overrides(cfg, list(overrides))
+        tree = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{path}: {e}") from None
+    if not is_nemo_config(tree):
+        raise ConfigError(f"{path}: not a NeMo training config (needs model.train_ds or model.transf_decoder)")
+    _check_file_keys(tree)
+    return translate(tree)
+
+
+# ---------------------------------------------------------------------------------------------
+# the translation
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+class _Source:
+    """The resolved NeMo config, and which of its keys the translation read."""
+
+    def __init__(self, tree: dict):
+        self.tree, self.used = tree, set()
+
+    def has(self, key: str) -> bool:
+        found, value = _select(self.tree, tuple(key.split(".")))
+        return found and value != MISSING
+
+    def get(self, key: str, default=None, required: bool = False):
+        found, value = _select(self.tree, tuple(key.split(".")))
+        if found:
+            self.used.add(key)
+        if not found or value == MISSING or value is None:
+            if required:
+                raise ConfigError(f"{key} is required (the NeMo config has {value if found else 'nothing'!r} there); "
+                                  f"set it, e.g. {key}=...")
+            return default
+        return value
+
+    def section(self, key: str, read=()) -> dict:
+        """The mapping at `key` (not marked as read), marking its keys in `read` as read."""
+        found, value = _select(self.tree, tuple(key.split(".")))
+        value = value if found and isinstance(value, dict) else {}
+        self.used.update(f"{key}.{k}" for k in value if k in read)
+        return value
+
+    def unread(self) -> dict:
+        def read(leaf):
+            return any(leaf == u or leaf.startswith(u + ".") for u in self.used)
+
+        return {k: v for k, v in _flatten(self.tree).items() if not read(k)}
+
+
+def _put(out: dict, key: str, value) -> None:
+    *parents, leaf = key.split(".")
+    node = out
+    for p in parents:
+        node = node.setdefault(p, {})
+    node[leaf] = value
+
+
+def _show(value) -> str:
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+
+def translate(tree: dict, world_size: int | None = None) -> tuple[dict, list[str], list[str]]:
+    """A resolved NeMo config (plain dict) -> (Serinus config, ignored NeMo settings, notes)."""
+    src, out, notes, ignored = _Source(tree), {}, [], []
+    world = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
+    if "transf_decoder" not in tree["model"]:
+        raise ConfigError("only NeMo's AED (Canary) configs are translated, e.g. fast-conformer_aed.yaml; "
+                          "this one has no model.transf_decoder")
+    _model(src, out)
+    _tokenizer(src, out)
+    _data(src, out, ignored)
+    _optim(src, out, ignored)
+    _trainer(src, out, notes, world)
+    _exp_manager(src, out, ignored)
+    init = _init_from(src)
+    if init:
+        out["init_from"] = init
+    serinus = src.get("serinus") or {}  # Serinus's own keys, over the translation
+    for key, value in src.unread().items():
+        if any(key == m or key.startswith(m + ".") for m in MOOT):
+            continue
+        if key in SAME and value == SAME[key]:
+            continue
+        if key == "trainer.sync_batchnorm" and (world == 1 or not value):
+            continue
+        ignored.append(f"{key}={_show(value)}")
+    if not isinstance(serinus, dict):
+        raise ConfigError("serinus: must be a mapping of Serinus config keys (see serinus/train/config.py)")
+    _check_keys(out, DEFAULTS)
+    try:
+        _check_keys(serinus, DEFAULTS)
+    except ConfigError as e:  # name the key as the user wrote it
+        raise ConfigError(re.sub(r"config key '?", lambda m: m.group(0) + "serinus.", str(e), count=1)) from None
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(DEFAULTS), out, serinus), resolve=True)
+    _check_values(cfg)
+    _check_resume(src, cfg)
+    return cfg, ignored, notes
+
+
+def _dataclass_dict(obj, drop=()) -> dict:
+    return {k: v for k, v in dataclasses.asdict(obj).items() if k not in drop}
+
+
+def _model(src: _Source, out: dict) -> None:
+    from serinus.audio import FeatureConfig
+    from serinus.decoding import DecodingConfig
+    from serinus.model.decoder import DecoderConfig
+    from serinus.model.encoder import EncoderConfig
+    from serinus.model.specaugment import SpecAugmentConfig
+
+    fmt = src.get("model.prompt_format", required=True)
+    if fmt not in ("canary", "canary2"):
+        raise ConfigError(f"model.prompt_format must be canary or canary2, got {fmt!r}")
+    _put(out, "model.prompt_format", fmt)
+    _put(out, "model.use_loss_mask_for_prompt", bool(src.get("model.use_loss_mask_for_prompt", False)))
+    smoothing = float(src.get("model.label_smoothing", 0.0) or 0.0)
+    _put(out, "model.label_smoothing", smoothing)
+    if src.section("model.loss").get("label_smoothing", smoothing) == smoothing:
+        src.get("model.loss.label_smoothing")
+    src.get("model.model_defaults")  # read through the ${model.model_defaults.*} interpolations
+    for key in ("model.sample_rate", "model.preprocessor.sample_rate", "model.train_ds.sample_rate",
+                "model.validation_ds.sample_rate"):
+        if int(src.get(key, 16000)) != 16000:
+            raise ConfigError(f"{key}={src.get(key)}: Serinus models take 16 kHz audio (it resamples to 16000)")
+    try:
+        pre = src.section("model.preprocessor", PREPROCESSOR_READ + tuple(f.name for f in
+                                                                          dataclasses.fields(FeatureConfig)))
+        _put(out, "model.features", _dataclass_dict(FeatureConfig.from_nemo(pre)))
+        enc = src.section("model.encoder", ENCODER_READ + tuple(EncoderConfig.__dataclass_fields__))
+        _put(out, "model.encoder", _dataclass_dict(EncoderConfig.from_nemo(enc)))
+        dec = src.section("model.transf_decoder.config_dict", DECODER_READ)
+        decoder = DecoderConfig.from_nemo(dec, vocab_size=8)
+        _put(out, "model.decoder", _dataclass_dict(decoder, drop=("vocab_size",)))
+        sa = src.section("model.spec_augment", SPEC_AUGMENT_READ)
+        spec = SpecAugmentConfig.from_nemo({k: v for k, v in sa.items() if k in SPEC_AUGMENT_READ})
+        _put(out, "model.spec_augment", _dataclass_dict(spec) if spec is not None else None)
+        for key in ("strategy", "beam.beam_size", "beam.length_penalty", "beam.max_generation_delta",
+                    "greedy.max_generation_delta"):  # what DecodingConfig.from_nemo reads
+            src.get(f"model.decoding.{key}")
+        _put(out, "model.decoding", _dataclass_dict(DecodingConfig.from_nemo(src.tree["model"].get("decoding"))))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"model: {e}") from None
+    for key in ("embedding_dropout", "attn_score_dropout", "attn_layer_dropout"):  # Serinus: one dropout
+        if dec.get(key, decoder.dropout) == decoder.dropout:
+            src.get(f"model.transf_decoder.config_dict.{key}")
+    if int(src.get("model.transf_encoder.num_layers", 0) or 0) > 0:
+        raise ConfigError("model.transf_encoder.num_layers > 0 (a Transformer encoder between the two) is not "
+                          "supported")
+    src.get("model.transf_encoder")
+    if int(src.get("model.head.num_layers", 1)) != 1:
+        raise ConfigError(f"model.head.num_layers={src.get('model.head.num_layers')}: Serinus's output head is one "
+                          "linear layer tied to the token embedding (NeMo's num_layers: 1)")
+    src.get("model.head.activation")  # no activation in a one-layer head
+    if int(src.get("model.head.hidden_size", decoder.hidden_size)) != decoder.hidden_size:
+        raise ConfigError("model.head.hidden_size must equal model.transf_decoder.config_dict.hidden_size")
+
+
+def _tokenizer(src: _Source, out: dict) -> None:
+    kind = src.get("model.tokenizer.type", "agg")
+    if kind == "bpe":  # one SentencePiece model for everything (canary-1b-v2 style)
+        _put(out, "tokenizer.dir", str(src.get("model.tokenizer.dir", required=True)))
+        src.get("model.tokenizer.langs")
+        return
+    if kind != "agg":
+        raise ConfigError(f"model.tokenizer.type={kind!r}: Serinus reads agg (spl_tokens + languages) or bpe")
+    src.get("model.tokenizer.dir")
+    langs = src.section("model.tokenizer.langs")
+    if not langs:
+        raise ConfigError("model.tokenizer.langs is empty: list spl_tokens and one tokenizer per language")
+    spl = src.get("spl_tokens.model_dir") if "spl_tokens" in src.tree else None
+    src.get("spl_tokens.tokens")  # only for building a special-token model, which Serinus does not do here
+    dirs = {}
+    for lang in langs:
+        key = f"model.tokenizer.langs.{lang}"
+        kind = src.get(f"{key}.type", "bpe")
+        if kind != "bpe":
+            raise ConfigError(f"{key}.type={kind!r}: only bpe (SentencePiece) tokenizers are read")
+        folder = src.get(f"{key}.dir")
+        if lang == "spl_tokens":
+            folder = spl or folder  # NeMo's script sets langs.spl_tokens.dir to spl_tokens.model_dir
+            if folder is None:
+                raise ConfigError("the special-token tokenizer has no folder: set spl_tokens.model_dir (or "
+                                  "model.tokenizer.langs.spl_tokens.dir)")
+        elif folder is None:
+            src.get(f"{key}.dir", required=True)
+        if _model_file(folder) is None:
+            hint = f"; build it with `serinus tokenizer special {folder}`" if lang == "spl_tokens" else ""
+            raise ConfigError(f"{'spl_tokens.model_dir' if lang == 'spl_tokens' and spl else key + '.dir'}="
+                              f"{folder} holds no tokenizer.model{hint}")
+        dirs[str(lang)] = str(folder)
+    if "spl_tokens" not in dirs:
+        raise ConfigError("model.tokenizer.langs needs a spl_tokens entry (the special-token model)")
+    _put(out, "tokenizer.langs", dirs)
+
+
+def _bins(value):
+    if value is None:
+        return None
+    if all(isinstance(b, (int, float)) for b in value):  # 1-D duration bins: no token limit
+        return [[float(b), 10**9] for b in value]
+    return [[float(d), int(t)] for d, t in value]
+
+
+def _data(src: _Source, out: dict, ignored: list) -> None:
+    ds = "model.train_ds"
+    _put(out, "train_ds.manifest_filepath", src.get(f"{ds}.manifest_filepath", required=True))
+    if src.get(f"{ds}.tarred_audio_filepaths") or src.get(f"{ds}.input_cfg") or src.get(f"{ds}.shar_path") \
+            or src.get(f"{ds}.cuts_path"):
+        raise ConfigError(f"{ds}: tarred audio, input_cfg, Lhotse Shar and cuts_path inputs are not supported; "
+                          "give JSON manifests in manifest_filepath")
+    for key in ("batch_size", "batch_duration", "quadratic_duration", "shuffle", "num_workers", "num_buckets",
+                "bucket_batch_size"):
+        if src.has(f"{ds}.{key}"):
+            _put(out, f"train_ds.{key}", src.get(f"{ds}.{key}"))
+    low, high = src.get(f"{ds}.min_duration"), src.get(f"{ds}.max_duration")
+    _put(out, "train_ds.min_duration", low if low is not None and float(low) > 0 else None)
+    _put(out, "train_ds.max_duration", high if high is not None and math.isfinite(float(high)) else None)
+    _put(out, "train_ds.bucket_duration_bins", _bins(src.get(f"{ds}.bucket_duration_bins")))
+    if not src.get(f"{ds}.use_bucketing", False):  # NeMo's default: no bucketing
+        _put(out, "train_ds.bucket_duration_bins", None)
+        _put(out, "train_ds.num_buckets", 1)
+        _put(out, "train_ds.bucket_batch_size", None)
+    val = src.get("model.validation_ds.manifest_filepath")
+    _put(out, "validation_ds.manifest_filepath", val)
+    if src.has("model.validation_ds.batch_size"):
+        _put(out, "validation_ds.batch_size", int(src.get("model.validation_ds.batch_size")))
+    test = src.get("model.test_ds.manifest_filepath")
+    if test:
+        ignored.append(f"model.test_ds.manifest_filepath={_show(test)} (not used: no test pass after training; "
+                       "run `serinus transcribe` on it)")
+
+
+def _optim(src: _Source, out: dict, ignored: list) -> None:
+    o = "model.optim"
+    name = str(src.get(f"{o}.name", "adamw")).lower()
+    if name not in ("adamw", "adam"):
+        raise ConfigError(f"{o}.name={name!r}: Serinus trains with AdamW (adamw; adam is taken as AdamW)")
+    for key in ("lr", "weight_decay"):
+        if src.has(f"{o}.{key}"):
+            _put(out, f"optim.{key}", float(src.get(f"{o}.{key}")))
+    if src.has(f"{o}.betas"):
+        _put(out, "optim.betas", [float(b) for b in src.get(f"{o}.betas")])
+    if name == "adam" and float(src.get(f"{o}.weight_decay", 0.0) or 0.0) > 0:
+        ignored.append(f"{o}.name=adam (Serinus uses AdamW: decoupled weight decay, not Adam's L2 term)")
+    found, sched = _select(src.tree, ("model", "optim", "sched"))
+    if found and sched is None:
+        ignored.append(f"{o}.sched=null (NeMo: a constant lr; Serinus always warms up, then decays by 1/sqrt(step))")
+        _put(out, "optim.warmup_steps", 0)
+        return
+    sched = src.section(f"{o}.sched", ("warmup_steps", "warmup_ratio", "min_lr"))
+    if sched.get("name", "InverseSquareRootAnnealing") != "InverseSquareRootAnnealing":
+        ignored.append(f"{o}.sched.name={sched['name']} (Serinus: warmup + InverseSquareRootAnnealing)")
+        src.get(f"{o}.sched.name")
+    if sched.get("warmup_steps") is not None:
+        _put(out, "optim.warmup_steps", int(sched["warmup_steps"]))
+    elif sched.get("warmup_ratio") is not None:
+        _put(out, "optim.warmup_steps", int(float(sched["warmup_ratio"]) * int(src.get("trainer.max_steps", 0))))
+    if sched.get("min_lr") is not None:
+        _put(out, "optim.min_lr", float(sched["min_lr"]))
+
+
+def _devices(value) -> int | None:
+    """trainer.devices as a process count; None for "all available" (-1, "auto")."""
+    if value is None or str(value).strip() in ("-1", "auto"):
+        return None
+    if isinstance(value, (list, tuple)):
+        return len(value)
+    text = str(value)
+    if "," in text:
+        return len([x for x in text.split(",") if x.strip()])
+    return int(text)
+
+
+def _trainer(src: _Source, out: dict, notes: list, world: int) -> None:
+    import torch
+
+    t = "trainer"
+    max_time = src.get(f"{t}.max_time")
+    if isinstance(max_time, dict):  # Lightning also takes {days: .., hours: .., minutes: .., seconds: ..}
+        units = {"days": 1440, "hours": 60, "minutes": 1, "seconds": 1 / 60}
+        max_time = sum(float(v) * units[k] for k, v in max_time.items())
+    _put(out, "trainer.max_time", max_time)
+    steps = int(src.get(f"{t}.max_steps", -1))
+    if steps <= 0 and max_time is None:
+        raise ConfigError("trainer.max_steps must be set (> 0): Serinus counts steps, not epochs "
+                          "(or set trainer.max_time)")
+    _put(out, "trainer.max_steps", steps if steps > 0 else 10**12)
+    if src.has(f"{t}.log_every_n_steps"):
+        _put(out, "trainer.log_every", int(src.get(f"{t}.log_every_n_steps")))
+    accumulate = int(src.get(f"{t}.accumulate_grad_batches", 1) or 1)
+    _put(out, "trainer.accumulate_grad_batches", accumulate)
+    _put(out, "trainer.grad_clip", float(src.get(f"{t}.gradient_clip_val", 0.0) or 0.0))  # 0: no clipping
+
+    accelerator = str(src.get(f"{t}.accelerator", "auto")).lower()
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.accelerator={accelerator}, but torch sees no CUDA device")
+    if accelerator not in ("auto", "gpu", "cuda", "cpu", "ddp"):
+        raise ConfigError(f"trainer.accelerator={accelerator!r}: Serinus runs on cpu or cuda (auto picks)")
+    _put(out, "trainer.device", "cpu" if accelerator == "cpu" else "auto")
+    on_gpu = accelerator != "cpu" and torch.cuda.is_available()
+
+    precision = str(src.get(f"{t}.precision", "32")).lower()
+    if precision in ("32", "32-true", "fp32"):
+        _put(out, "trainer.precision", "32")
+    elif precision in ("bf16", "bf16-mixed", "bf16-true"):
+        _put(out, "trainer.precision", "bf16")  # autocast, fp32 weights (bf16-mixed)
+    elif precision in ("16", "16-mixed", "16-true", "fp16"):
+        where = "float16 mixed precision is for GPUs and this run is on the CPU; besides, " if not on_gpu else ""
+        raise ConfigError(f"trainer.precision={precision}: {where}Serinus does not implement float16 training "
+                          "(fp16 + GradScaler); use trainer.precision=bf16-mixed or 32")
+    else:
+        raise ConfigError(f"trainer.precision={precision!r}: use 32, 32-true or bf16-mixed")
+
+    raw, nodes = src.get(f"{t}.devices", "auto"), int(src.get(f"{t}.num_nodes", 1) or 1)
+    count = _devices(raw)
+    if count is None:
+        gpus = torch.cuda.device_count() if on_gpu else 0
+        if world > 1:
+            chosen = f"{world} processes (torchrun's WORLD_SIZE)"
+        elif gpus > 1:
+            chosen = (f"1 process on 1 of {gpus} GPUs; to use all, launch "
+                      f"torchrun --nproc_per_node {gpus} -m serinus.train ...")
+        else:
+            chosen = f"1 process on {'cuda' if on_gpu else 'cpu'}"
+        notes.append(f"trainer.devices={raw}: {chosen}")
+    elif count * nodes != world:
+        raise ConfigError(
+            f"trainer.devices={raw} x trainer.num_nodes={nodes} = {count * nodes} processes, but this run has "
+            f"{world} (WORLD_SIZE): Serinus runs one process per device, launched by torchrun, e.g. "
+            f"torchrun --nnodes {nodes} --nproc_per_node {count} -m serinus.train ...; or set trainer.devices=1")
+
+    value = src.get(f"{t}.val_check_interval", 1.0)
+    if isinstance(value, float) and value <= 1.0:
+        per_epoch = _epoch_steps(out["train_ds"], world, accumulate)
+        if per_epoch is None:
+            every = int(DEFAULTS["trainer"]["val_check_interval"])
+            how = "the epoch length is unknown here (bucket_batch_size without batch_size/batch_duration)"
+        else:
+            every = max(1, round(value * per_epoch))
+            how = f"an epoch of train_ds is about {per_epoch} steps"
+        notes.append(f"warning: trainer.val_check_interval={value} is a fraction of an epoch; Serinus counts "
+                     f"steps: validating (and checkpointing) every {every} steps ({how})")
+    else:
+        every = int(value)
+    _put(out, "trainer.val_check_interval", every)
+    _put(out, "trainer.checkpoint_every", every)  # NeMo's checkpoint callback saves at each validation
+
+
+def _epoch_steps(ds: dict, world: int, accumulate: int) -> int | None:
+    """About how many optimizer steps one pass over train_ds takes (from the manifests' durations)."""
+    paths = ds["manifest_filepath"]
+    durations = []
+    for p in [paths] if isinstance(paths, str) else paths:
+        try:
+            with open(p, encoding="utf-8") as f:
+                durations += [float(json.loads(line).get("duration", 0.0)) for line in f if line.strip()]
+        except (OSError, ValueError):
+            return None
+    if ds.get("batch_size"):
+        batches = len(durations) / int(ds["batch_size"])
+    elif ds.get("batch_duration"):
+        q = ds.get("quadratic_duration")
+        batches = sum(d + (d * d / float(q) if q else 0.0) for d in durations) / float(ds["batch_duration"])
+    else:
+        return None
+    return max(1, math.ceil(batches / world / accumulate))
+
+
+def _exp_manager(src: _Source, out: dict, ignored: list) -> None:
+    e = "exp_manager"
+    name = src.get(f"{e}.name") or src.get("name") or "default"
+    src.get("name")
+    explicit = src.get(f"{e}.explicit_log_dir")
+    root = Path(src.get(f"{e}.exp_dir") or "nemo_experiments")
+    resume = bool(src.get(f"{e}.resume_if_exists", False))
+    version = src.get(f"{e}.version")
+    run = Path(explicit) if explicit else root / str(name) / str(version) if version else root / str(name)
+    _put(out, "trainer.out_dir", str(run))
+    if not resume and not explicit and not version and src.get(f"{e}.use_datetime_version", True):
+        ignored.append(f"{e}.use_datetime_version=true (no date-time sub-folder: the run goes to {run})")
+    _put(out, "trainer.resume", resume)
+    src.get(f"{e}.resume_ignore_no_checkpoint")
+    if src.get(f"{e}.resume_from_checkpoint"):
+        raise ConfigError(f"{e}.resume_from_checkpoint: Lightning .ckpt files are not read; Serinus resumes from "
+                          "its own checkpoints in the run folder (exp_manager.resume_if_exists=true)")
+
+
+def _check_resume(src: _Source, cfg: dict) -> None:
+    """NeMo: resume_if_exists without a checkpoint is an error unless resume_ignore_no_checkpoint."""
+    from serinus.train.loop import last_checkpoint
+
+    if cfg["trainer"]["resume"] and not src.get("exp_manager.resume_ignore_no_checkpoint", False) \
+            and last_checkpoint(cfg) is None:
+        raise ConfigError(f"exp_manager.resume_if_exists=true, but {cfg['trainer']['out_dir']} has no checkpoint "
+                          "to resume from (as in NeMo); set exp_manager.resume_ignore_no_checkpoint=true to start "
+                          "from scratch")
+
+
+def _hub_name(name: str) -> str:
+    from serinus.checkpoint import KNOWN_HUB_MODELS
+
+    if "/" not in name and not Path(name).exists() and f"nvidia/{name}" in KNOWN_HUB_MODELS:
+        return f"nvidia/{name}"  # NeMo's short names (canary-180m-flash)
+    return name
+
+
+def _init_from(src: _Source) -> dict | None:
+    given = [k for k in ("init_from_nemo_model", "init_from_pretrained_model", "init_from_ptl_ckpt")
+             if src.get(k) is not None]
+    if not given:
+        return None
+    if len(given) > 1:
+        raise ConfigError(f"more than one model initialisation: {', '.join(given)} (NeMo takes one)")
+    key = given[0]
+    if key == "init_from_ptl_ckpt":
+        raise ConfigError("init_from_ptl_ckpt: Lightning .ckpt files are not read; use init_from_nemo_model")
+    value, field = src.get(key), "path" if key == "init_from_nemo_model" else "name"
+    include, exclude = [], []
+    if isinstance(value, dict):
+        if len(value) != 1:
+            raise ConfigError(f"{key}: Serinus initialises from one model; got {', '.join(value)}")
+        (entry_name, entry), = value.items()
+        if not isinstance(entry, dict) or not (entry.get(field) or entry.get("path") or entry.get("name")):
+            raise ConfigError(f"{key}.{entry_name}.{field} is not set")
+        where = entry.get(field) or entry.get("path") or entry.get("name")
+        include = [str(p) for p in entry.get("include") or [] if str(p)]  # NeMo's default [""]: everything
+        exclude = [str(p) for p in entry.get("exclude") or []]
+    elif isinstance(value, str):
+        where = value
+    else:
+        raise ConfigError(f"{key} must be a name/path or a mapping model0: {{{field}: ..., include: [..], "
+                          "exclude: [..]}")
+    if key == "init_from_pretrained_model":
+        where = _hub_name(str(where))
+    return {"path": str(where), "include": include, "exclude": exclude, "match": "nemo_substring"}
+
+
+# ---------------------------------------------------------------------------------------------
+# what the translated config needs at run time: NeMo's parameter names, the ordered tokenizer
+
+
+_SERINUS_TO_NEMO = [  # the inverse of serinus.checkpoint._DECODER_RENAMES
+    (r"^decoder\.token_embedding\.", "transf_decoder._embedding.token_embedding."),
+    (r"^decoder\.embedding_norm\.", "transf_decoder._embedding.layer_norm."),
+    (r"^decoder\.final_norm\.", "transf_decoder._decoder.final_layer_norm."),
+    (r"^decoder\.blocks\.(\d+)\.self_attn_norm\.", r"transf_decoder._decoder.layers.\1.layer_norm_1."),
+    (r"^decoder\.blocks\.(\d+)\.cross_attn_norm\.", r"transf_decoder._decoder.layers.\1.layer_norm_2."),
+    (r"^decoder\.blocks\.(\d+)\.mlp_norm\.", r"transf_decoder._decoder.layers.\1.layer_norm_3."),
+    (r"^decoder\.blocks\.(\d+)\.self_attn\.", r"transf_decoder._decoder.layers.\1.first_sub_layer."),
+    (r"^decoder\.blocks\.(\d+)\.cross_attn\.", r"transf_decoder._decoder.layers.\1.second_sub_layer."),
+    (r"^decoder\.blocks\.(\d+)\.mlp_in\.", r"transf_decoder._decoder.layers.\1.third_sub_layer.dense_in."),
+    (r"^decoder\.blocks\.(\d+)\.mlp_out\.", r"transf_decoder._decoder.layers.\1.third_sub_layer.dense_out."),
+    (r"_sub_layer\.(query|key|value)\.", r"_sub_layer.\1_net."),
+    (r"_sub_layer\.out\.", "_sub_layer.out_projection."),
+    (r"^decoder\.head_bias$", "log_softmax.mlp.layer0.bias"),
+]
+
+
+def nemo_names(name: str) -> list[str]:
+    """The NeMo parameter name(s) of a Serinus one; the tied token embedding is also the head's weight."""
+    nemo = name
+    for pattern, repl in _SERINUS_TO_NEMO:
+        nemo = re.sub(pattern, repl, nemo)
+    return [nemo, "log_softmax.mlp.layer0.weight"] if name == "decoder.token_embedding.weight" else [nemo]
+
+
+def nemo_selected(name: str, include, exclude) -> bool:
+    """NeMo's rule (ModelPT.load_part_of_state_dict) on a Serinus parameter: a NeMo name of it contains an
+    include string (none given: all) and no exclude string."""
+    def chosen(n):
+        return (not include or any(p in n for p in include)) and not any(e in n for e in exclude)
+
+    return any(chosen(n) for n in nemo_names(name))
+
+
+def _model_file(folder) -> Path | None:
+    """<folder>/tokenizer.model (NeMo's layout), or the one in its only sub-folder that has one (what
+    `serinus tokenizer train` writes: <folder>/tokenizer_spe_bpe_v<N>/)."""
+    p = Path(folder)
+    if (p / "tokenizer.model").is_file():
+        return p / "tokenizer.model"
+    found = sorted(p.glob("*/tokenizer.model"))
+    return found[0] if len(found) == 1 else None
+
+
+def langs_tokenizer(langs: dict):
+    """NeMo's aggregate tokenizer from `tokenizer.langs` ({name: folder}), ids in the given order."""
+    from serinus.tokenizer import CanaryTokenizer
+
+    models = {}
+    for lang, folder in langs.items():
+        if (found := _model_file(folder)) is None:
+            raise ConfigError(f"tokenizer.langs.{lang}: {folder} holds no tokenizer.model (nor one sub-folder with it)")
+        models[str(lang)] = found
+    if "spl_tokens" not in models:
+        raise ConfigError("tokenizer.langs needs a spl_tokens entry (the special-token model)")
+    return CanaryTokenizer(models)
+
+
+__all__ = ["is_nemo_config", "is_nemo_config_file", "load_nemo_config", "apply_overrides", "translate",
+           "nemo_names", "nemo_selected", "langs_tokenizer"]
