@@ -126,14 +126,23 @@ def loss_mask(prompted_lens: torch.Tensor, prompt_lens: torch.Tensor, max_len: i
     return (t[None, :] < (prompted_lens - 1)[:, None]) & (t[None, :] >= (prompt_lens - 1)[:, None])
 
 
+def _audio_key(cut):
+    """What identifies a cut's samples: its file and span (a transcript line and its translations,
+    which are different cuts of the same audio, share one cached copy)."""
+    rec = getattr(cut, "recording", None)
+    source = rec.sources[0].source if rec is not None and rec.sources else cut.id
+    return (str(source), round(float(cut.start), 4), round(float(cut.duration), 4))
+
+
 def load_audio(cuts, sample_rate: int = 16000, cache: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Zero-padded [B, N] float32 mono audio at `sample_rate` and int32 lengths (lhotse decodes,
     resampling where needed); a file that fails to load names its manifest line. With `cache`
-    (a dict), each cut's decoded samples are kept there by cut id and reused."""
+    (a dict), each cut's decoded samples are kept there by file and span, and reused."""
     arrays = []
     for cut in cuts:
-        if cache is not None and cut.id in cache:
-            arrays.append(cache[cut.id])
+        key = _audio_key(cut) if cache is not None else None
+        if key is not None and key in cache:
+            arrays.append(cache[key])
             continue
         if cut.sampling_rate != sample_rate:
             cut = cut.resample(sample_rate)
@@ -144,8 +153,8 @@ def load_audio(cuts, sample_rate: int = 16000, cache: dict | None = None) -> tup
         if a.ndim == 2 and a.shape[0] != 1:
             raise DataError(f"{cut_origin(cut)}: expected mono audio, got {a.shape[0]} channels")
         arrays.append(torch.from_numpy(a.reshape(-1)))
-        if cache is not None:
-            cache[cut.id] = arrays[-1]
+        if key is not None:
+            cache[key] = arrays[-1]
     lens = torch.tensor([len(a) for a in arrays], dtype=torch.int32)
     audio = torch.zeros(len(arrays), int(lens.max()), dtype=torch.float32)
     for i, a in enumerate(arrays):
