@@ -14,6 +14,7 @@ are extracted, never to a path outside the extraction folder, and weights are re
 from __future__ import annotations
 
 import os
+import re
 import tarfile
 from pathlib import Path, PurePosixPath
 
@@ -86,24 +87,49 @@ DERIVED_KEYS = (
     "log_softmax.mlp.layer0.weight",
 )
 
-# NeMo decoder names -> ours (regex, replacement), applied in order.
-_DECODER_RENAMES = [
-    (r"^transf_decoder\._embedding\.token_embedding\.", "decoder.token_embedding."),
-    (r"^transf_decoder\._embedding\.layer_norm\.", "decoder.embedding_norm."),
-    (r"^transf_decoder\._decoder\.final_layer_norm\.", "decoder.final_norm."),
-    (r"^transf_decoder\._decoder\.layers\.(\d+)\.layer_norm_1\.", r"decoder.blocks.\1.self_attn_norm."),
-    (r"^transf_decoder\._decoder\.layers\.(\d+)\.layer_norm_2\.", r"decoder.blocks.\1.cross_attn_norm."),
-    (r"^transf_decoder\._decoder\.layers\.(\d+)\.layer_norm_3\.", r"decoder.blocks.\1.mlp_norm."),
-    (r"^transf_decoder\._decoder\.layers\.(\d+)\.first_sub_layer\.", r"decoder.blocks.\1.self_attn."),
-    (r"^transf_decoder\._decoder\.layers\.(\d+)\.second_sub_layer\.", r"decoder.blocks.\1.cross_attn."),
-    (r"^transf_decoder\._decoder\.layers\.(\d+)\.third_sub_layer\.dense_in\.", r"decoder.blocks.\1.mlp_in."),
-    (r"^transf_decoder\._decoder\.layers\.(\d+)\.third_sub_layer\.dense_out\.", r"decoder.blocks.\1.mlp_out."),
-    (r"\.query_net\.", ".query."),
-    (r"\.key_net\.", ".key."),
-    (r"\.value_net\.", ".value."),
-    (r"\.out_projection\.", ".out."),
-    (r"^log_softmax\.mlp\.layer0\.bias$", "decoder.head_bias"),
+# NeMo decoder names <-> ours, one table for both directions (loading, and NeMo's names for its
+# init rules): (NeMo, Serinus) name prefixes, "{n}" a layer number; an entry without a trailing
+# "." is a whole name. Inside the decoder's attention, NeMo's sub-module names differ too.
+DECODER_NAMES = [
+    ("transf_decoder._embedding.token_embedding.", "decoder.token_embedding."),
+    ("transf_decoder._embedding.layer_norm.", "decoder.embedding_norm."),
+    ("transf_decoder._decoder.final_layer_norm.", "decoder.final_norm."),
+    ("transf_decoder._decoder.layers.{n}.layer_norm_1.", "decoder.blocks.{n}.self_attn_norm."),
+    ("transf_decoder._decoder.layers.{n}.layer_norm_2.", "decoder.blocks.{n}.cross_attn_norm."),
+    ("transf_decoder._decoder.layers.{n}.layer_norm_3.", "decoder.blocks.{n}.mlp_norm."),
+    ("transf_decoder._decoder.layers.{n}.first_sub_layer.", "decoder.blocks.{n}.self_attn."),
+    ("transf_decoder._decoder.layers.{n}.second_sub_layer.", "decoder.blocks.{n}.cross_attn."),
+    ("transf_decoder._decoder.layers.{n}.third_sub_layer.dense_in.", "decoder.blocks.{n}.mlp_in."),
+    ("transf_decoder._decoder.layers.{n}.third_sub_layer.dense_out.", "decoder.blocks.{n}.mlp_out."),
+    ("log_softmax.mlp.layer0.bias", "decoder.head_bias"),
 ]
+ATTENTION_NAMES = [("query_net", "query"), ("key_net", "key"), ("value_net", "value"), ("out_projection", "out")]
+
+
+def _rename_rules(to_nemo: bool) -> list[tuple[str, str]]:
+    """(regex, replacement) pairs, applied in order: prefixes first, then the attention sub-modules
+    (on NeMo's side only under transf_decoder, so no encoder name is touched)."""
+    rules = []
+    for nemo, ours in DECODER_NAMES:
+        src, dst = (ours, nemo) if to_nemo else (nemo, ours)
+        pattern = "^" + re.escape(src).replace(re.escape("{n}"), r"(\d+)") + ("" if src.endswith(".") else "$")
+        rules.append((pattern, dst.replace("{n}", r"\1")))
+    for nemo, ours in ATTENTION_NAMES:
+        if to_nemo:
+            rules.append((rf"^(transf_decoder\..*_sub_layer)\.{ours}\.", rf"\1.{nemo}."))
+        else:
+            rules.append((rf"\.{nemo}\.", f".{ours}."))
+    return rules
+
+
+_TO_SERINUS, _TO_NEMO = _rename_rules(False), _rename_rules(True)
+
+
+def rename(name: str, to_nemo: bool = False) -> str:
+    """A NeMo parameter name in Serinus's module names, or (to_nemo) the reverse."""
+    for pattern, repl in (_TO_NEMO if to_nemo else _TO_SERINUS):
+        name = re.sub(pattern, repl, name)
+    return name
 
 
 def read_weights(path: Path) -> dict:
@@ -130,22 +156,12 @@ def read_weights(path: Path) -> dict:
 
 def nemo_to_serinus_state_dict(state: dict) -> dict:
     """Rename a NeMo EncDecMultiTaskModel state dict to our module names; drop derived tensors."""
-    import re
-
     tied, embedding = state.get("log_softmax.mlp.layer0.weight"), state.get(
         "transf_decoder._embedding.token_embedding.weight"
     )
     if tied is not None and embedding is not None and not bool((tied == embedding).all()):
         raise CheckpointError("the output head weight is not tied to the token embedding; this model is not supported")
-    out = {}
-    for key, value in state.items():
-        if key in DERIVED_KEYS:
-            continue
-        new = key
-        for pattern, repl in _DECODER_RENAMES:
-            new = re.sub(pattern, repl, new)
-        out[new] = value
-    return out
+    return {rename(key): value for key, value in state.items() if key not in DERIVED_KEYS}
 
 
 def ctc_to_serinus_state_dict(state: dict) -> dict:

@@ -725,28 +725,11 @@ def _init_from(src: _Source) -> dict | None:
 # what the translated config needs at run time: NeMo's parameter names, the ordered tokenizer
 
 
-_SERINUS_TO_NEMO = [  # the inverse of serinus.checkpoint._DECODER_RENAMES
-    (r"^decoder\.token_embedding\.", "transf_decoder._embedding.token_embedding."),
-    (r"^decoder\.embedding_norm\.", "transf_decoder._embedding.layer_norm."),
-    (r"^decoder\.final_norm\.", "transf_decoder._decoder.final_layer_norm."),
-    (r"^decoder\.blocks\.(\d+)\.self_attn_norm\.", r"transf_decoder._decoder.layers.\1.layer_norm_1."),
-    (r"^decoder\.blocks\.(\d+)\.cross_attn_norm\.", r"transf_decoder._decoder.layers.\1.layer_norm_2."),
-    (r"^decoder\.blocks\.(\d+)\.mlp_norm\.", r"transf_decoder._decoder.layers.\1.layer_norm_3."),
-    (r"^decoder\.blocks\.(\d+)\.self_attn\.", r"transf_decoder._decoder.layers.\1.first_sub_layer."),
-    (r"^decoder\.blocks\.(\d+)\.cross_attn\.", r"transf_decoder._decoder.layers.\1.second_sub_layer."),
-    (r"^decoder\.blocks\.(\d+)\.mlp_in\.", r"transf_decoder._decoder.layers.\1.third_sub_layer.dense_in."),
-    (r"^decoder\.blocks\.(\d+)\.mlp_out\.", r"transf_decoder._decoder.layers.\1.third_sub_layer.dense_out."),
-    (r"_sub_layer\.(query|key|value)\.", r"_sub_layer.\1_net."),
-    (r"_sub_layer\.out\.", "_sub_layer.out_projection."),
-    (r"^decoder\.head_bias$", "log_softmax.mlp.layer0.bias"),
-]
-
-
 def nemo_names(name: str) -> list[str]:
     """The NeMo parameter name(s) of a Serinus one; the tied token embedding is also the head's weight."""
-    nemo = name
-    for pattern, repl in _SERINUS_TO_NEMO:
-        nemo = re.sub(pattern, repl, nemo)
+    from serinus.checkpoint import rename
+
+    nemo = rename(name, to_nemo=True)
     return [nemo, "log_softmax.mlp.layer0.weight"] if name == "decoder.token_embedding.weight" else [nemo]
 
 
