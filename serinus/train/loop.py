@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from serinus.model.canary import CanaryConfig
 from serinus.train.config import ConfigError, parse_max_time
 from serinus.train.tasks import make_task
 
@@ -166,7 +167,7 @@ def _load_init(path: str):
 def build_model(cfg: dict, task, tokenizer, rt: Runtime):
     init = _load_init(cfg["init_from"]["path"]) if cfg["init_from"]["path"] else None
     init_cfg = getattr(init, "cfg", None)
-    model = task.build_model(tokenizer, init_cfg if type(init_cfg).__name__ == "CanaryConfig" or task.name == "ctc"
+    model = task.build_model(tokenizer, init_cfg if isinstance(init_cfg, CanaryConfig) or task.name == "ctc"
                              else None)
     if init is not None:
         names = init_weights(model, init.state_dict(), cfg["init_from"]["include"], cfg["init_from"]["exclude"],
@@ -384,8 +385,6 @@ def restore(ckpt: Path, model, opt, sched) -> tuple[int, int, int]:
 def train(cfg: dict) -> dict:
     """Run training as `cfg` says; returns {"losses": [per-step train loss], "val": [...], "out_dir": ...}."""
     import torch.distributed as dist
-
-    from serinus.data.dataset import PromptedDataset
 
     t_start = time.time()
     tr = cfg["trainer"]

@@ -22,6 +22,7 @@ from serinus.model.ctc import CTCConfig, CTCModel, ctc_loss
 from serinus.model.decoder import DecoderConfig
 from serinus.model.encoder import EncoderConfig
 from serinus.model.specaugment import SpecAugmentConfig
+from serinus.tokenizer import CanaryTokenizer
 from serinus.train.config import MODEL_DATACLASSES, ConfigError
 from serinus.audio import FeatureConfig
 
@@ -221,7 +222,7 @@ class CTCTask:
         m = self.cfg["model"]
         if m["preset"] not in (None, "init_from"):
             raise ConfigError("model.preset: released presets are AED architectures; set model.encoder.* for a CTC model")
-        if hasattr(tokenizer, "token_id_offset") or type(tokenizer).__name__ == "CanaryTokenizer":
+        if isinstance(tokenizer, CanaryTokenizer):
             raise ConfigError("model.type=ctc needs one SentencePiece tokenizer (a folder with tokenizer.model), "
                               "not an aggregate spl_tokens + languages tokenizer")
         base_enc = init_cfg.encoder if (m["preset"] == "init_from" and init_cfg is not None) else EncoderConfig()
