@@ -18,6 +18,7 @@ COMMANDS = {
     "buckets": ("serinus.data.bucketing", "Estimate 2-D (duration x tokens) bucket bins from a manifest."),
     "oomptimize": ("serinus.data.oomptimizer", "Find the largest batch size per bucket within a memory budget."),
     "pack-aligner": ("serinus.checkpoint", "Pack a CTC model into a Canary checkpoint as its timestamp aligner."),
+    "export": ("serinus.nemo_export", "Write a model as a .nemo archive that NeMo restores."),
     "train": ("serinus.train", "Train or fine-tune a Canary model from a YAML config with dotted overrides."),
 }
 

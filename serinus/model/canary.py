@@ -196,6 +196,12 @@ class CanaryModel(nn.Module):
 
         save_model(self, out_dir)
 
+    def save_nemo(self, path) -> None:
+        """Write a NeMo `.nemo` archive that NeMo's `EncDecMultiTaskModel.restore_from` loads."""
+        from serinus.nemo_export import save_nemo
+
+        save_nemo(self, path)
+
     def save_tokenizers(self, out_dir) -> dict:
         """Export the tokenizer files (SentencePiece models) to `out_dir`; returns their config."""
         return self.tokenizer.save(out_dir)
