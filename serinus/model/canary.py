@@ -161,8 +161,13 @@ class CanaryModel(nn.Module):
         return (states, time_mask(lengths, states.shape[1]), lengths,
                 torch.log_softmax(self.ctc_head(hidden).float(), dim=-1))
 
-    def forward(self, audio: Tensor, audio_lengths: Tensor, tokens: Tensor, token_lengths: Tensor) -> Tensor:
-        """Teacher-forced log-probs [B, L, V] for decoder inputs `tokens` [B, L] (prompt + text)."""
+    def forward(self, audio: Tensor, audio_lengths: Tensor, tokens: Tensor, token_lengths: Tensor,
+                with_ctc: bool = False):
+        """Teacher-forced log-probs [B, L, V] for decoder inputs `tokens` [B, L] (prompt + text).
+        with_ctc: `forward_train`'s (log-probs, CTC log-probs, encoder lengths) instead; training calls it
+        this way so that DistributedDataParallel, which synchronises what runs through forward(), sees it."""
+        if with_ctc:
+            return self.forward_train(audio, audio_lengths, tokens, token_lengths)
         states, mask, _ = self.encode(audio, audio_lengths)
         return self.decoder(tokens, states, mask, time_mask(token_lengths, tokens.shape[1]))
 

@@ -22,11 +22,11 @@ from pathlib import Path
 
 from serinus.train.config import DEFAULTS, ConfigError, load_config, parse_max_time
 from serinus.train.loop import (build_optimizer, build_tokenizer, init_weights, last_checkpoint, load_cuts,
-                                lr_factor, save_checkpoint, train)
+                                lr_at, save_checkpoint, train)
 from serinus.train.tasks import AEDTask, CTCTask, make_task, normalize_text
 
 __all__ = ["DEFAULTS", "ConfigError", "load_config", "parse_max_time", "train", "build_tokenizer", "init_weights",
-           "last_checkpoint", "load_cuts", "lr_factor", "build_optimizer", "save_checkpoint", "AEDTask", "CTCTask",
+           "last_checkpoint", "load_cuts", "lr_at", "build_optimizer", "save_checkpoint", "AEDTask", "CTCTask",
            "make_task", "normalize_text", "build_model_config", "main"]
 
 

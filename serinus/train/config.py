@@ -90,7 +90,7 @@ DEFAULTS = {
         "betas": [0.9, 0.98],
         "weight_decay": 1e-3,
         "warmup_steps": 1000,
-        "min_lr": 1e-6,
+        "min_lr": 1e-6,  # NeMo's meaning: the lr after max_steps (the 1/sqrt decay itself is not floored)
     },
     "trainer": {
         "max_steps": 1000,
@@ -101,7 +101,9 @@ DEFAULTS = {
         "log_every": 10,
         "accumulate_grad_batches": 1,  # one optimizer step per N batches (gradients summed; a step = N batches)
         "grad_clip": 1.0,
-        "precision": "32",  # "32" or "bf16" (autocast)
+        "precision": "32",  # "32", "bf16" (autocast) or "16" (float16 autocast + gradient scaler; CUDA only)
+        "progress_bar": "auto",  # a tqdm bar with loss, lr and audio s/s; auto: when stderr is a terminal
+        "tensorboard": "auto",  # event files in <out_dir>/tensorboard; auto: when tensorboardX is installed
         "out_dir": "runs/canary",
         "seed": 0,
         "resume": False,
@@ -168,8 +170,11 @@ def _check_values(cfg: dict) -> None:
     if langs is not None and (not isinstance(langs, dict) or "spl_tokens" not in langs
                               or not all(isinstance(v, str) for v in langs.values())):
         raise ConfigError(f"tokenizer.langs must map spl_tokens and each language to a folder, got {langs!r}")
-    if cfg["trainer"]["precision"] not in ("32", "bf16"):
-        raise ConfigError(f"trainer.precision must be '32' or 'bf16', got {cfg['trainer']['precision']!r}")
+    if cfg["trainer"]["precision"] not in ("32", "bf16", "16"):
+        raise ConfigError(f"trainer.precision must be '32', 'bf16' or '16', got {cfg['trainer']['precision']!r}")
+    for key in ("progress_bar", "tensorboard"):
+        if cfg["trainer"][key] not in (True, False, "auto"):
+            raise ConfigError(f"trainer.{key} must be true, false or auto, got {cfg['trainer'][key]!r}")
     parse_max_time(cfg["trainer"]["max_time"])
 
 

@@ -27,6 +27,7 @@ import torch
 
 from serinus.model.canary import CanaryConfig
 from serinus.train.config import ConfigError, parse_max_time
+from serinus.train.monitor import Monitor, padding_ratios
 from serinus.train.tasks import make_task
 
 
@@ -67,7 +68,11 @@ def setup_runtime(tr: dict) -> Runtime:
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     torch.manual_seed(int(tr["seed"]))  # same init weights on every rank
-    return Runtime(device, rank, local_rank, world_size, torch.bfloat16 if tr["precision"] == "bf16" else None)
+    if tr["precision"] == "16" and device.type != "cuda":
+        raise ConfigError(f"trainer.precision=16 (float16 + gradient scaler) is for CUDA devices; this run is on "
+                          f"{device.type}: use trainer.precision=bf16 or 32")
+    dtype = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}[tr["precision"]]
+    return Runtime(device, rank, local_rank, world_size, dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,14 +304,18 @@ class _Indexed(torch.utils.data.Dataset):
 # optimisation
 
 
-def lr_factor(step: int, warmup_steps: int) -> float:
-    """NeMo's WarmupPolicy + InverseSquareRootAnnealing: linear warmup to the peak, then 1/sqrt decay."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / (warmup_steps + 1)
-    return ((warmup_steps + 1) / (step + 1)) ** 0.5
+def lr_at(step: int, lr: float, warmup_steps: int, max_steps: int | None = None, min_lr: float = 0.0) -> float:
+    """NeMo's InverseSquareRootAnnealing (a WarmupPolicy): linear warm-up (step + 1) / (warmup + 1) up to and
+    including step `warmup_steps`, then lr * sqrt((warmup + 1) / (step + 1)); min_lr only past max_steps
+    (NeMo does not floor the decay at min_lr)."""
+    if warmup_steps > 0 and step <= warmup_steps:
+        return lr * (step + 1) / (warmup_steps + 1)
+    if max_steps is not None and step > max_steps:
+        return min_lr
+    return lr * ((warmup_steps + 1) / (step + 1)) ** 0.5
 
 
-def build_optimizer(model, optim: dict):
+def build_optimizer(model, optim: dict, max_steps: int | None = None):
     # No weight decay on biases and norms, as usual for Transformers.
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -316,8 +325,8 @@ def build_optimizer(model, optim: dict):
         [{"params": decay, "weight_decay": optim["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
         lr=optim["lr"], betas=tuple(optim["betas"]),
     )
-    lr, min_lr, warmup = optim["lr"], optim["min_lr"], int(optim["warmup_steps"])
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(lr_factor(s, warmup), min_lr / lr))
+    lr, min_lr, warmup = float(optim["lr"]), float(optim["min_lr"]), int(optim["warmup_steps"])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, lr, warmup, max_steps, min_lr) / lr)
     return opt, sched
 
 
@@ -329,7 +338,7 @@ def _ckpt_root(cfg: dict) -> Path:
     return Path(cfg["trainer"]["out_dir"]) / "checkpoints"
 
 
-def save_checkpoint(cfg, model, opt, sched, step: int, position: tuple[int, int]) -> Path:
+def save_checkpoint(cfg, model, opt, sched, step: int, position: tuple[int, int], scaler=None) -> Path:
     from serinus.checkpoint import save_any
 
     root = _ckpt_root(cfg)
@@ -340,6 +349,7 @@ def save_checkpoint(cfg, model, opt, sched, step: int, position: tuple[int, int]
     state = {
         "step": step, "epoch": position[0], "batch_in_epoch": position[1], "config": cfg,
         "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
         "rng_cpu": torch.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
@@ -364,7 +374,7 @@ def last_checkpoint(cfg: dict) -> Path | None:
     return d if (d / "trainer_state.pt").is_file() else None
 
 
-def restore(ckpt: Path, model, opt, sched) -> tuple[int, int, int]:
+def restore(ckpt: Path, model, opt, sched, scaler=None) -> tuple[int, int, int]:
     """Load weights, optimizer, scheduler and RNG from a checkpoint; returns (step, epoch, next batch)."""
     from serinus.checkpoint import read_own_weights
 
@@ -372,6 +382,8 @@ def restore(ckpt: Path, model, opt, sched) -> tuple[int, int, int]:
     model.load_state_dict(read_own_weights(ckpt / "model"))
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng_cpu"])
     if state["rng_cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng_cuda"])
@@ -395,7 +407,9 @@ def train(cfg: dict) -> dict:
     tokenizer = build_tokenizer(cfg, rt)
     model = build_model(cfg, task, tokenizer, rt)
     rt.log(f"model: {describe(model)}, device {rt.device}, world size {rt.world_size}")
-    opt, sched = build_optimizer(model, cfg["optim"])
+    opt, sched = build_optimizer(model, cfg["optim"], int(tr["max_steps"]))
+    # float16 gradients underflow without loss scaling; for 32/bf16 the scaler does nothing
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.autocast_dtype == torch.float16)
 
     cache = {} if cfg["train_ds"]["cache_audio"] else None
     dataset = task.dataset(model, allow_unk=bool(cfg["train_ds"]["allow_unk"]), audio_cache=cache)
@@ -413,7 +427,7 @@ def train(cfg: dict) -> dict:
     if tr["resume"] and ckpt is None:
         rt.log(f"resume: no checkpoint in {_ckpt_root(cfg)}, starting from scratch")
     if ckpt is not None:
-        step, epoch, skip = restore(ckpt, model, opt, sched)
+        step, epoch, skip = restore(ckpt, model, opt, sched, scaler)
         rt.log(f"resumed from {ckpt} at step {step} (epoch {epoch}, batch {skip})")
 
     ddp_model = model
@@ -431,9 +445,9 @@ def train(cfg: dict) -> dict:
     if rt.rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
-    log_f = open(out_dir / "log.jsonl", "a") if rt.rank == 0 else None
+    max_steps = int(tr["max_steps"])
+    monitor = Monitor(out_dir, tr, max_steps, step, rt.rank)
     history = {"losses": [], "val": [], "out_dir": str(out_dir)}
-    clock = {"train": 0.0, "audio": 0.0}  # wall seconds in training steps, audio seconds seen
 
     def run_validation():
         if val_cuts is None:
@@ -444,20 +458,14 @@ def train(cfg: dict) -> dict:
             record = {"step": step, "minutes": round((time.time() - t_start) / 60, 2),
                       **{k: x for k, x in v.items() if k != "examples"}}
             history["val"].append({**record, "examples": v["examples"]})
-            shown = [k for k in record if k.startswith(("val_loss", "wer", "bleu"))]
-            rt.log(f"validation step {step} ({record['minutes']:.1f} min, {time.time() - t:.0f} s): "
-                   + "  ".join(f"{k} {record[k]:.4f}" for k in shown))
-            for ex in v["examples"]:
-                rt.log(f"  ref: {ex['ref']}\n  hyp: {ex['hyp']}")
-            log_f.write(json.dumps(record) + "\n")
-            log_f.flush()
+            monitor.validation(step, record, time.time() - t, v["examples"])
         if rt.distributed:
             dist.barrier()
 
     def checkpoint(position):
         if rt.rank == 0:
-            d = save_checkpoint(cfg, model, opt, sched, step, position)
-            rt.log(f"saved checkpoint {d}")
+            d = save_checkpoint(cfg, model, opt, sched, step, position, scaler)
+            monitor.print(f"saved checkpoint {d}")
         if rt.distributed:
             dist.barrier()
 
@@ -469,7 +477,6 @@ def train(cfg: dict) -> dict:
             dist.all_reduce(late, op=dist.ReduceOp.MAX)
         return bool(late.item())
 
-    max_steps = int(tr["max_steps"])
     accumulate = int(tr.get("accumulate_grad_batches") or 1)
     position = (epoch, skip - 1)
     it = iter(loader)
@@ -479,21 +486,25 @@ def train(cfg: dict) -> dict:
         t_step = time.time()
         task.step = step
         opt.zero_grad(set_to_none=True)
-        value, parts, n_cuts, audio_s = 0.0, {}, 0, 0.0
+        value, parts, n_cuts, audio_s, padding = 0.0, {}, 0, 0.0, {}
         for micro in range(accumulate):  # trainer.accumulate_grad_batches: gradients of N batches, one step
             ep, index, batch = next(it)
             position = (ep, index)
             hold = rt.distributed and micro < accumulate - 1  # DDP all-reduces on the last backward only
             with ddp_model.no_sync() if hold else contextlib.nullcontext():
                 loss, micro_parts = task.loss(ddp_model, batch, rt.device, rt.autocast_dtype)
-                (loss / accumulate).backward()
+                scaler.scale(loss / accumulate).backward()
             value += loss.item() / accumulate
             for k, v in micro_parts.items():
-                parts[k] = parts.get(k, 0.0) + v.detach() / accumulate
+                parts[k] = parts.get(k, 0.0) + float(v.detach()) / accumulate
+            for k, v in padding_ratios(batch).items():
+                padding[k] = padding.get(k, 0.0) + v / accumulate
             n_cuts += len(batch.cuts)
             audio_s += float(batch.audio_lens.sum()) / 16000
+        scaler.unscale_(opt)  # clip the true gradients (a no-op without float16)
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tr["grad_clip"] or float("inf"))
-        opt.step()
+        scaler.step(opt)  # skipped (and the scale lowered) when float16 gradients overflowed
+        scaler.update()
         lr = sched.get_last_lr()[0]
         sched.step()
         step += 1
@@ -501,31 +512,23 @@ def train(cfg: dict) -> dict:
             t = torch.tensor([value], device=rt.device)
             dist.all_reduce(t)
             value = float(t) / rt.world_size
-        clock["train"] += time.time() - t_step
-        clock["audio"] += audio_s * rt.world_size
         history["losses"].append(value)
-        if rt.rank == 0:
-            log_f.write(json.dumps({"step": step, "loss": value, **{k: float(v.detach()) for k, v in parts.items()},
-                                    "lr": lr, "grad_norm": float(gnorm), "batch_size": n_cuts,
-                                    "epoch": ep}) + "\n")
-        if step % int(tr["log_every"]) == 0 or step == 1:
-            extra = "".join(f"  {k} {float(v.detach()):.3f}" for k, v in parts.items()) if len(parts) > 1 else ""
-            rt.log(f"step {step:>6}  loss {value:.4f}{extra}  lr {lr:.2e}  grad_norm {float(gnorm):.2f}  "
-                   f"batch {n_cuts}  epoch {ep}  {clock['audio'] / max(clock['train'], 1e-9):.0f} audio s/s  "
-                   f"{(time.time() - t_start) / 60:.1f} min")
+        record = {"loss": value, **parts, "lr": lr, "grad_norm": float(gnorm), "batch_size": n_cuts * rt.world_size,
+                  "epoch": ep, **padding}
+        monitor.step(step, record, time.time() - t_step, audio_s * rt.world_size)
         if tr["checkpoint_every"] and step % int(tr["checkpoint_every"]) == 0 and step < max_steps:
             checkpoint(position)
         if tr["val_check_interval"] and step % int(tr["val_check_interval"]) == 0 and step < max_steps:
             run_validation()
     if step < max_steps:
-        rt.log(f"trainer.max_time reached after {(time.time() - t_loop) / 60:.1f} min of training, at step {step}")
+        monitor.print(f"trainer.max_time reached after {(time.time() - t_loop) / 60:.1f} min of training, "
+                      f"at step {step}")
     checkpoint(position)
     if rt.rank == 0:
         from serinus.checkpoint import save_any
 
         save_any(model, out_dir / "model")
-        rt.log(f"final model: {out_dir / 'model'} (serinus transcribe --model {out_dir / 'model'})")
+        monitor.print(f"final model: {out_dir / 'model'} (serinus transcribe --model {out_dir / 'model'})")
     run_validation()
-    if log_f is not None:
-        log_f.close()
+    monitor.close()
     return history

@@ -590,12 +590,13 @@ def _trainer(src: _Source, out: dict, notes: list, world: int) -> None:
         _put(out, "trainer.precision", "32")
     elif precision in ("bf16", "bf16-mixed", "bf16-true"):
         _put(out, "trainer.precision", "bf16")  # autocast, fp32 weights (bf16-mixed)
-    elif precision in ("16", "16-mixed", "16-true", "fp16"):
-        where = "float16 mixed precision is for GPUs and this run is on the CPU; besides, " if not on_gpu else ""
-        raise ConfigError(f"trainer.precision={precision}: {where}Serinus does not implement float16 training "
-                          "(fp16 + GradScaler); use trainer.precision=bf16-mixed or 32")
+    elif precision in ("16", "16-mixed", "fp16"):
+        if not on_gpu:
+            raise ConfigError(f"trainer.precision={precision}: float16 mixed precision is for GPUs and this run is "
+                              "on the CPU; use trainer.precision=bf16-mixed or 32")
+        _put(out, "trainer.precision", "16")  # autocast + gradient scaler, fp32 weights (16-mixed)
     else:
-        raise ConfigError(f"trainer.precision={precision!r}: use 32, 32-true or bf16-mixed")
+        raise ConfigError(f"trainer.precision={precision!r}: use 32, 32-true, bf16-mixed or (on a GPU) 16-mixed")
 
     raw, nodes = src.get(f"{t}.devices", "auto"), int(src.get(f"{t}.num_nodes", 1) or 1)
     count = _devices(raw)

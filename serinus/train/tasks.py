@@ -136,8 +136,8 @@ class AEDTask:
         inputs, labels = batch.decoder_inputs_outputs()
         lengths = (batch.prompted_transcript_lens - 1).to(device)
         with _amp(device, autocast_dtype):
-            log_probs, ctc_log_probs, enc_lens = model.forward_train(
-                batch.audio.to(device), batch.audio_lens.to(device), inputs.to(device), lengths)
+            log_probs, ctc_log_probs, enc_lens = model(  # through forward(), so that DDP syncs it
+                batch.audio.to(device), batch.audio_lens.to(device), inputs.to(device), lengths, with_ctc=True)
         prompt_lens = batch.prompt_lens.to(device) if mcfg.use_loss_mask_for_prompt else None
         attention = sequence_loss(log_probs.float(), labels.to(device), core.tokenizer.pad_id, prompt_lens, lengths,
                                   mcfg.label_smoothing)
