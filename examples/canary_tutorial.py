@@ -211,45 +211,6 @@ def pieces_of(tokenizer, ids) -> str:
     return " ".join(tokenizer.ids_to_tokens(ids))
 
 
-def piece_keys(tokenizer) -> list[tuple[str, str]]:
-    """(sub-tokenizer, piece) for every id: what an embedding row stands for."""
-    from serinus.tokenizer import CanaryTokenizer
-
-    if not isinstance(tokenizer, CanaryTokenizer):
-        return [("", p) for p in tokenizer.vocab]
-    keys = []
-    for lang, offset in tokenizer.token_id_offset.items():
-        n = tokenizer.sub_vocab_sizes[lang]
-        keys += [(lang, tokenizer.vocab[offset + i]) for i in range(n)]
-    return keys
-
-
-def retain_token_embeddings(new_model, old_model) -> tuple[int, list[str]]:
-    """Copy every weight of `old_model` into `new_model`; token-embedding rows (and head biases)
-    only for pieces both tokenizers have (matched by sub-tokenizer and piece, so ids may move).
-    Rows of new pieces keep their fresh N(0, 0.02) init. Returns (rows kept, new pieces)."""
-    import torch
-
-    old_sd, new_sd = old_model.state_dict(), new_model.state_dict()
-    per_row = ("decoder.token_embedding.weight", "decoder.head_bias")
-    for k, v in old_sd.items():
-        if k not in per_row and k in new_sd:
-            new_sd[k] = v.clone()
-    old_index = {key: i for i, key in enumerate(piece_keys(old_model.tokenizer))}
-    kept, new = 0, []
-    with torch.no_grad():
-        for i, key in enumerate(piece_keys(new_model.tokenizer)):
-            j = old_index.get(key)
-            if j is None:
-                new.append(key[1])
-                continue
-            for k in per_row:
-                new_sd[k][i] = old_sd[k][j]
-            kept += 1
-    new_model.load_state_dict(new_sd)
-    return kept, new
-
-
 def batch_loss(model, batch, pad_id: int, prompt_mask: bool):
     """Teacher-forced loss of a PromptedBatch, with or without the prompt-loss mask."""
     import torch
@@ -575,7 +536,10 @@ def run(args) -> None:
     torch.manual_seed(0)
     summarizer = CanaryModel(new_cfg, new_tok)
     fresh = {k: v.clone() for k, v in summarizer.state_dict().items()}
-    kept, new_pieces = retain_token_embeddings(summarizer, flash)
+    from serinus.train.init import init_from_model  # what `serinus train` does when the tokenizer changes
+
+    report = init_from_model(summarizer, flash, [], [], str(args.flash_model))
+    kept, new_pieces = report.rows["decoder.token_embedding.weight"][0], report.new_pieces
     print(f"retained {kept} of {new_tok.vocab_size} token embeddings from {args.flash_model} "
           f"(matched by piece); new, freshly initialised: {new_pieces}")
     rows_sum = []

@@ -44,7 +44,7 @@ def _first_batch_loss(cfg) -> float:
 
     rt = loop.setup_runtime(cfg["trainer"])
     task = T.make_task(cfg)
-    model = loop.build_model(cfg, task, loop.build_tokenizer(cfg, rt), rt)
+    model, _ = loop.build_model(cfg, task, loop.build_tokenizer(cfg, rt), rt)
     cuts = task.attach_num_tokens(loop.load_cuts(cfg["train_ds"]), model)
     sampler = loop.build_sampler(cfg["train_ds"], cuts, 0, 1, 0)
     _, _, first = next(loop.batch_stream(sampler, 0, 0))

@@ -184,7 +184,9 @@ def test_init_from_pretrained_model_with_the_seeds_exclude_list(tok, tmp_path):
 
     tokenizer = T.build_tokenizer(cfg)  # the new tokenizer: another vocabulary, so the embedding must go
     torch.manual_seed(0)
-    model = build_model(cfg, T.make_task(cfg), tokenizer, Runtime(torch.device("cpu"), 0, 0, 1, None))
+    model, report = build_model(cfg, T.make_task(cfg), tokenizer, Runtime(torch.device("cpu"), 0, 0, 1, None))
+    assert report.skipped == excluded  # re-initialised, and the report says so
+    assert f"skipped: {', '.join(excluded)}" in report.text()
     mine, theirs = model.state_dict(), src.state_dict()
     assert mine["decoder.token_embedding.weight"].shape != theirs["decoder.token_embedding.weight"].shape
     for k, v in mine.items():

@@ -21,11 +21,12 @@ import sys
 from pathlib import Path
 
 from serinus.train.config import DEFAULTS, ConfigError, load_config, parse_max_time
-from serinus.train.loop import (build_optimizer, build_tokenizer, init_weights, last_checkpoint, load_cuts,
+from serinus.train.init import init_from_model, init_weights
+from serinus.train.loop import (build_optimizer, build_tokenizer, last_checkpoint, load_cuts,
                                 lr_at, save_checkpoint, train)
 from serinus.train.tasks import AEDTask, CTCTask, make_task, normalize_text
 
-__all__ = ["DEFAULTS", "ConfigError", "load_config", "parse_max_time", "train", "build_tokenizer", "init_weights",
+__all__ = ["DEFAULTS", "ConfigError", "load_config", "parse_max_time", "train", "build_tokenizer", "init_weights", "init_from_model",
            "last_checkpoint", "load_cuts", "lr_at", "build_optimizer", "save_checkpoint", "AEDTask", "CTCTask",
            "make_task", "normalize_text", "build_model_config", "main"]
 

@@ -129,56 +129,20 @@ def train_tokenizer(cfg: dict, out: Path, vocab_size: int) -> None:
     os.replace(tmp, out)
 
 
-def _selected(name: str, include: list[str], exclude: list[str], match: str = "prefix") -> bool:
-    if match == "nemo_substring":  # NeMo's rule, on NeMo's names for this parameter
-        from serinus.train.nemo_config import nemo_selected
-
-        return nemo_selected(name, include, exclude)
-    if any(name.startswith(p) for p in exclude):
-        return False
-    return not include or any(name.startswith(p) for p in include)
-
-
-def init_weights(model, state: dict, include: list[str], exclude: list[str], where: str,
-                 match: str = "prefix") -> list[str]:
-    """Copy the selected parameters (by name prefix, or NeMo's substring rule) of `state` into `model`;
-    returns their names.
-
-    A selected name the model lacks, or with another shape, is an error: exclude it explicitly
-    (e.g. `decoder.token_embedding`, `decoder.head_bias` for a new tokenizer)."""
-    own = model.state_dict()
-    chosen = {k: v for k, v in state.items() if _selected(k, include, exclude, match)}
-    if not chosen:
-        raise ConfigError(f"init_from: no parameter of {where} matches include={include} exclude={exclude}")
-    absent = [k for k in chosen if k not in own]
-    if absent:
-        raise ConfigError(f"init_from: {where} has {', '.join(absent[:5])}, which this model does not; "
-                          "add them to init_from.exclude")
-    bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)} here" for k, v in chosen.items()
-           if tuple(v.shape) != tuple(own[k].shape)]
-    if bad:
-        raise ConfigError(f"init_from: shapes differ from {where}: {'; '.join(bad[:5])}; add them to init_from.exclude")
-    model.load_state_dict(chosen, strict=False)
-    return sorted(chosen)
-
-
-def _load_init(path: str):
-    """The model to initialise from: a Canary (.nemo / Serinus folder) or a Serinus CTC model."""
-    from serinus.checkpoint import load_any
-
-    return load_any(path)
-
-
 def build_model(cfg: dict, task, tokenizer, rt: Runtime):
-    init = _load_init(cfg["init_from"]["path"]) if cfg["init_from"]["path"] else None
+    """The model a config describes, initialised from init_from.path when set; returns (model, InitReport | None)."""
+    from serinus.train.init import init_from_model, load_init_model
+
+    init = load_init_model(cfg["init_from"]["path"]) if cfg["init_from"]["path"] else None
     init_cfg = getattr(init, "cfg", None)
     model = task.build_model(tokenizer, init_cfg if isinstance(init_cfg, CanaryConfig) or task.name == "ctc"
                              else None)
+    report = None
     if init is not None:
-        names = init_weights(model, init.state_dict(), cfg["init_from"]["include"], cfg["init_from"]["exclude"],
-                             str(cfg["init_from"]["path"]), cfg["init_from"].get("match", "prefix"))
-        rt.log(f"init_from {cfg['init_from']['path']}: loaded {len(names)} of {len(model.state_dict())} tensors")
-    return model.to(rt.device).train()
+        report = init_from_model(model, init, cfg["init_from"]["include"], cfg["init_from"]["exclude"],
+                                 str(cfg["init_from"]["path"]), cfg["init_from"].get("match", "prefix"))
+        rt.log(report.text())
+    return model.to(rt.device).train(), report
 
 
 def describe(model) -> str:
@@ -405,7 +369,7 @@ def train(cfg: dict) -> dict:
     task = make_task(cfg)
 
     tokenizer = build_tokenizer(cfg, rt)
-    model = build_model(cfg, task, tokenizer, rt)
+    model, init_report = build_model(cfg, task, tokenizer, rt)
     rt.log(f"model: {describe(model)}, device {rt.device}, world size {rt.world_size}")
     opt, sched = build_optimizer(model, cfg["optim"], int(tr["max_steps"]))
     # float16 gradients underflow without loss scaling; for 32/bf16 the scaler does nothing
@@ -445,6 +409,9 @@ def train(cfg: dict) -> dict:
     if rt.rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+        if init_report is not None:
+            (out_dir / "init_report.txt").write_text(init_report.text() + "\n")
+            (out_dir / "init_report.json").write_text(json.dumps(init_report.to_dict(), indent=1))
     max_steps = int(tr["max_steps"])
     monitor = Monitor(out_dir, tr, max_steps, step, rt.rank)
     history = {"losses": [], "val": [], "out_dir": str(out_dir)}
