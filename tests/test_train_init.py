@@ -102,3 +102,34 @@ def test_train_writes_the_report_to_the_run_folder(tmp_path, capsys):
     saved_report = json.loads((tmp_path / "run" / "init_report.json").read_text())
     assert saved_report["token_rows"]["decoder.token_embedding.weight"] == {"kept": 2174, "rows": 2176}
     assert (tmp_path / "run" / "init_report.txt").read_text().startswith(f"init_from {NEMO}")
+
+
+def test_init_config_writes_the_seeds_finetuning_config_and_it_trains(tmp_path, capsys):
+    import yaml
+
+    out = tmp_path / "config" / "ft.yaml"
+    assert T.main(["--init-config", str(NEMO), str(out)]) == 0
+    assert "serinus train --config" in capsys.readouterr().out
+    cfg = yaml.safe_load(out.read_text())
+    src = load_model(NEMO)
+    assert cfg["init_from_pretrained_model"] == str(NEMO)
+    assert cfg["model"]["prompt_format"] == src.cfg.prompt_format
+    assert cfg["model"]["encoder"]["n_layers"] == src.cfg.encoder.n_layers
+    assert cfg["model"]["transf_decoder"]["config_dict"]["hidden_size"] == src.cfg.decoder.hidden_size
+    assert cfg["model"]["train_ds"]["manifest_filepath"] == "???"
+    langs = cfg["model"]["tokenizer"]["langs"]
+    assert list(langs) == ["spl_tokens", "en", "de", "es", "fr"]  # the checkpoint's id order
+    assert all((tmp_path / "config" / "ft_tokenizers" / lang / "tokenizer.model").is_file() for lang in langs)
+
+    manifest = FIXTURES / "audio" / "manifest_train.jsonl"
+    run = tmp_path / "runs"
+    assert T.main(["--config", str(out), f"model.train_ds.manifest_filepath={manifest}",
+                   f"model.validation_ds.manifest_filepath={manifest}", f"exp_manager.exp_dir={run}",
+                   "trainer.max_steps=2", "model.train_ds.batch_duration=10", "trainer.val_check_interval=0",
+                   "serinus.train_ds.limit=4", "serinus.validation_ds.limit=2"]) == 0
+    printed = capsys.readouterr()
+    assert "152 tensors loaded" in printed.out and "trainer.devices=-1: 1 process on cpu" in printed.err
+    log = [json.loads(x) for x in next(run.glob("*/log.jsonl")).read_text().splitlines()]
+    assert log[0]["loss"] < 1.0  # the checkpoint's own loss (about 0.01-0.07 here), not a random model's (7.7)
+    tuned = load_model(next(run.glob("*/model")))
+    assert tuned.tokenizer.vocab == src.tokenizer.vocab

@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config-name", "-cn", help="Hydra style: the config file in --config-path (.yaml optional)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in trainer.out_dir")
     p.add_argument("--print-config", action="store_true", help="print the merged config and exit")
+    p.add_argument("--init-config", nargs=2, metavar=("MODEL", "OUT.yaml"),
+                   help="write a fine-tuning config for MODEL (.nemo, Serinus folder or Hub id) in NeMo's layout: "
+                        "its tokenizers, prompt format and architecture, init_from_pretrained_model; then exit")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.encoder.n_layers=2 trainer.max_steps=100")
     return p
 
@@ -68,8 +71,25 @@ def _config_file(args) -> str | None:
     return str(path)
 
 
+def _init_config(model: str, out: str) -> int:
+    from serinus.checkpoint import CheckpointError
+    from serinus.train.finetune_config import write
+
+    try:
+        path = write(model, out)
+    except (CheckpointError, ValueError) as e:
+        print(f"serinus train: --init-config: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {path} (tokenizers in {path.parent / (path.stem + '_tokenizers')}); train with\n"
+          f"  serinus train --config {path} model.train_ds.manifest_filepath=TRAIN.jsonl "
+          f"model.validation_ds.manifest_filepath=DEV.jsonl exp_manager.exp_dir=runs/{path.stem}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.init_config:
+        return _init_config(*args.init_config)
     try:
         from serinus.train.nemo_config import is_nemo_config_file, load_nemo_config
 

@@ -27,6 +27,9 @@ from serinus.train.config import MODEL_DATACLASSES, ConfigError
 from serinus.audio import FeatureConfig
 
 
+_FRAME_TOKEN = re.compile(r"<\|\d+\|>")
+
+
 def normalize_text(text: str) -> str:
     """Lower-case, punctuation removed, spaces collapsed: the usual WER normalisation."""
     text = unicodedata.normalize("NFKC", text).lower()
@@ -187,7 +190,8 @@ class AEDTask:
             audio = [c.load_audio().reshape(-1) for c in group]
             results = transcribe(model, audio, batch_size=bs, source_lang=src, target_lang=tgt, pnc=pnc)
             for c, hyp in zip(group, results):
-                ref = " ".join(s.text for s in c.supervisions)
+                # a timestamp-target line (<|n|> frame tokens between words) is scored on its words
+                ref = re.sub(r"\s+", " ", _FRAME_TOKEN.sub(" ", " ".join(s.text for s in c.supervisions))).strip()
                 if src == tgt:
                     refs.setdefault(src, []).append(ref)
                     hyps.setdefault(src, []).append(hyp.text)
