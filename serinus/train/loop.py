@@ -487,7 +487,7 @@ def train(cfg: dict) -> dict:
             value = float(t) / rt.world_size
         history["losses"].append(value)
         record = {"loss": value, **parts, "lr": lr, "grad_norm": float(gnorm), "batch_size": n_cuts * rt.world_size,
-                  "epoch": ep, **padding}
+                  "epoch": ep, "audio_seconds": round(audio_s * rt.world_size, 3), **padding}
         monitor.step(step, record, time.time() - t_step, audio_s * rt.world_size)
         if tr["checkpoint_every"] and step % int(tr["checkpoint_every"]) == 0 and step < max_steps:
             checkpoint(position)

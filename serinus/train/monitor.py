@@ -75,7 +75,8 @@ class Monitor:
         self.clock["audio"] += audio_seconds
         if not self.active:
             return
-        record = {"step": step, **record, "audio_per_second": round(self.audio_per_second, 2)}
+        record = {"step": step, **record, "audio_per_second": round(self.audio_per_second, 2),
+                  "elapsed": round(time.time() - self.t_start, 3)}  # seconds since the run started
         self.log_f.write(json.dumps(record) + "\n")
         self.log_f.flush()  # a line per step, readable while the run goes (and after a crash)
         if self.writer is not None:

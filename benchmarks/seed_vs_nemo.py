@@ -1,0 +1,169 @@
+"""The seed tutorial's from-scratch training command, through `serinus train` and through NeMo's own
+`speech_to_text_aed.py` (NeMo 3.0.0 in its own venv), on the same data, tokenizers and model.
+
+    python benchmarks/seed_vs_nemo.py --nemo-python /work/nemo_venv/bin/python [--steps 10] [--threads 2]
+
+Data: the English ASR lines of ../shared/data (synth-v1 + synth-v1-large + synth-v1-xl train; the seed
+uses LibriLight 1 h), one manifest written under runs/seed_vs_nemo/. Tokenizers: `serinus tokenizer
+special` + `serinus tokenizer train --vocab-size 1024` (the seed's en_libri1h_1024). The command line
+is the seed's (2 encoder + 2 decoder layers on fast-conformer_aed.yaml's 1024-wide defaults); NeMo
+gets `trainer.devices=1 trainer.accelerator=cpu trainer.precision=32` added, without which it fails on
+a CPU; Serinus runs the seed's line as it is and says what it chose. Each side runs alone, in a fresh
+process, with the same threads. Printed: wall time of the whole command, time of the training steps
+(first step start to last step end, data loading included), seconds per step, audio seconds per step
+and audio seconds per wall second of training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data"
+CONFIGS = ROOT.parent / "shared" / "fixtures" / "nemo" / "configs"
+OUT = ROOT / "runs" / "seed_vs_nemo"
+
+# NeMo's script, unchanged, run with a Lightning callback that records each training batch's end time
+# and audio seconds (added to the Trainer NeMo's script builds).
+NEMO_DRIVER = r"""
+import json, runpy, sys, time
+import lightning.pytorch as pl
+records, start = [], {}
+class StepClock(pl.Callback):
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        start.setdefault("t", time.time())
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        records.append({"end": time.time(), "audio": float(batch.audio_lens.sum()) / 16000})
+_init = pl.Trainer.__init__
+def init(self, *a, **k):
+    k["callbacks"] = list(k.get("callbacks") or []) + [StepClock()]
+    _init(self, *a, **k)
+pl.Trainer.__init__ = init
+script, out = sys.argv[1], sys.argv[2]
+sys.argv = [script] + sys.argv[3:]
+try:
+    runpy.run_path(script, run_name="__main__")
+finally:
+    json.dump({"start": start.get("t"), "steps": records}, open(out, "w"))
+"""
+
+
+def english_manifest() -> Path:
+    out = OUT / "train_en.jsonl"
+    if out.is_file():
+        return out
+    OUT.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for name in ("synth-v1", "synth-v1-large", "synth-v1-xl"):
+        src = DATA / name / "asr_train.jsonl"
+        for line in src.read_text().splitlines():
+            e = json.loads(line)
+            if e.get("source_lang") == "en" and e.get("target_lang") == "en":
+                e["audio_filepath"] = str((src.parent / e["audio_filepath"]).resolve())
+                lines.append(json.dumps(e))
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def tokenizers(manifest: Path) -> tuple[Path, Path]:
+    spl, en = OUT / "tokenizers" / "spl_tokens", OUT / "tokenizers" / "en_1024"
+    serinus = [sys.executable, "-m", "serinus.cli", "tokenizer"]
+    if not (spl / "tokenizer.model").is_file():
+        subprocess.run(serinus + ["special", str(spl)], check=True, env=_env())
+    if not en.is_dir():
+        subprocess.run(serinus + ["train", str(manifest), str(en), "--vocab-size", "1024", "--lang", "en"],
+                       check=True, env=_env())
+    model = next(en.rglob("tokenizer.model"))
+    return spl, model.parent
+
+
+def seed_line(manifest: Path, spl: Path, en: Path, exp_dir: Path, steps: int) -> list[str]:
+    """The seed's overrides, paths pointed here."""
+    return [
+        "name=canary-small", "model.prompt_format=canary2",
+        f"model.train_ds.manifest_filepath={manifest}", f"model.validation_ds.manifest_filepath={manifest}",
+        f"model.test_ds.manifest_filepath={manifest}", f"model.tokenizer.langs.en.dir={en}",
+        f"model.tokenizer.langs.spl_tokens.dir={spl}", f"spl_tokens.model_dir={spl}",
+        "model.encoder.n_layers=2", "model.transf_decoder.config_dict.num_layers=2",
+        f"exp_manager.exp_dir={exp_dir}", "exp_manager.resume_ignore_no_checkpoint=true",
+        f"trainer.max_steps={steps}", "trainer.log_every_n_steps=1",
+    ]
+
+
+def _env(threads: int | None = None) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def run_serinus(line: list[str], threads: int) -> dict:
+    cmd = [sys.executable, "-m", "serinus.train", "--config-path", str(CONFIGS), "--config-name",
+           "fast-conformer_aed.yaml", *line]
+    t = time.time()
+    proc = subprocess.run(cmd, env=_env(threads), capture_output=True, text=True)
+    wall = time.time() - t
+    if proc.returncode != 0:
+        raise SystemExit(f"serinus train failed:\n{proc.stderr[-3000:]}")
+    exp = Path(next(x.split("=", 1)[1] for x in line if x.startswith("exp_manager.exp_dir=")))
+    steps = [json.loads(x) for x in (exp / "canary-small" / "log.jsonl").read_text().splitlines() if '"loss"' in x]
+    # like NeMo's side: from the end of step 1 to the end of the last step (data loading included)
+    return {"wall": wall, "steps": len(steps), "span": steps[-1]["elapsed"] - steps[0]["elapsed"],
+            "span_steps": len(steps) - 1,
+            "audio_per_step": sum(r["audio_seconds"] for r in steps[1:]) / max(len(steps) - 1, 1),
+            "stderr": proc.stderr, "stdout": proc.stdout}
+
+
+def run_nemo(nemo_python: str, line: list[str], threads: int) -> dict:
+    clock = OUT / "nemo_steps.json"
+    cmd = [nemo_python, "-c", NEMO_DRIVER, str(CONFIGS / "speech_to_text_aed.py"), str(clock),
+           "--config-path", str(CONFIGS), "--config-name", "fast-conformer_aed.yaml", *line,
+           "trainer.devices=1", "trainer.accelerator=cpu", "trainer.precision=32"]
+    t = time.time()
+    proc = subprocess.run(cmd, env={**_env(threads), "HYDRA_FULL_ERROR": "1"}, capture_output=True, text=True)
+    wall = time.time() - t
+    if proc.returncode != 0:
+        raise SystemExit(f"NeMo failed:\n{proc.stderr[-3000:]}")
+    rec = json.loads(clock.read_text())["steps"]
+    return {"wall": wall, "steps": len(rec), "span": rec[-1]["end"] - rec[0]["end"], "span_steps": len(rec) - 1,
+            "audio_per_step": sum(r["audio"] for r in rec[1:]) / max(len(rec) - 1, 1)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--nemo-python", required=True)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    manifest = english_manifest()
+    spl, en = tokenizers(manifest)
+    rows = {}
+    for side in ("serinus", "nemo"):
+        exp = OUT / f"exp_{side}"
+        subprocess.run(["rm", "-rf", str(exp)])
+        line = seed_line(manifest, spl, en, exp, args.steps)
+        rows[side] = run_serinus(line, args.threads) if side == "serinus" else run_nemo(args.nemo_python, line,
+                                                                                          args.threads)
+        r = rows[side]
+        print(f"{side}: {r['wall']:.1f} s for the command, {r['steps']} steps", flush=True)
+    print("\n| | NeMo 3.0.0 | Serinus | ratio |\n|---|---|---|---|")
+    s, n = rows["serinus"], rows["nemo"]
+    per_s, per_n = s["span"] / s["span_steps"], n["span"] / n["span_steps"]
+    aps_s, aps_n = s["audio_per_step"] / per_s, n["audio_per_step"] / per_n
+    print(f"| whole command (s) | {n['wall']:.1f} | {s['wall']:.1f} | {n['wall'] / s['wall']:.2f}x |")
+    print(f"| seconds per training step (steps 2..{args.steps}) | {per_n:.2f} | {per_s:.2f} | {per_n / per_s:.2f}x |")
+    print(f"| audio seconds per step | {n['audio_per_step']:.0f} | {s['audio_per_step']:.0f} | |")
+    print(f"| audio seconds per wall second | {aps_n:.1f} | {aps_s:.1f} | {aps_s / aps_n:.2f}x |")
+    print("\nSerinus's notes on the seed line:\n" + "\n".join(
+        "  " + x for x in s["stderr"].splitlines() if x.startswith("serinus train")))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
