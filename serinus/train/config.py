@@ -95,7 +95,8 @@ DEFAULTS = {
     "trainer": {
         "max_steps": 1000,
         "max_time": None,  # wall clock: "DD:HH:MM:SS" (NeMo/Lightning) or minutes; stops at whichever comes first
-        "val_check_interval": 500,  # steps; 0 disables validation during training (it still runs at the end)
+        "val_check_interval": 500,  # steps; 0 disables validation during training
+        "final_validation": True,  # validate once more when training ends (NeMo configs: false, as Lightning)
         "checkpoint_every": 500,
         "keep_checkpoints": 2,
         "log_every": 10,
@@ -172,6 +173,8 @@ def _check_values(cfg: dict) -> None:
         raise ConfigError(f"tokenizer.langs must map spl_tokens and each language to a folder, got {langs!r}")
     if cfg["trainer"]["precision"] not in ("32", "bf16", "16"):
         raise ConfigError(f"trainer.precision must be '32', 'bf16' or '16', got {cfg['trainer']['precision']!r}")
+    if not isinstance(cfg["trainer"]["final_validation"], bool):
+        raise ConfigError(f"trainer.final_validation must be true or false, got {cfg['trainer']['final_validation']!r}")
     for key in ("progress_bar", "tensorboard"):
         if cfg["trainer"][key] not in (True, False, "auto"):
             raise ConfigError(f"trainer.{key} must be true, false or auto, got {cfg['trainer'][key]!r}")

@@ -422,9 +422,12 @@ def train(cfg: dict) -> dict:
     monitor = Monitor(out_dir, tr, max_steps, step, rt.rank)
     history = {"losses": [], "val": [], "out_dir": str(out_dir)}
 
+    last_validation = [-1]  # the step of the latest validation (every rank knows it)
+
     def run_validation():
         if val_cuts is None:
             return
+        last_validation[0] = step
         if rt.rank == 0:
             t = time.time()
             v = task.validate(model, val_cuts, val_dataset, rt.device, rt.autocast_dtype)
@@ -502,6 +505,8 @@ def train(cfg: dict) -> dict:
 
         save_any(model, out_dir / "model")
         monitor.print(f"final model: {out_dir / 'model'} (serinus transcribe --model {out_dir / 'model'})")
-    run_validation()
+    due = bool(tr["val_check_interval"]) and step % int(tr["val_check_interval"]) == 0
+    if (tr["final_validation"] or due) and last_validation[0] != step:
+        run_validation()
     monitor.close()
     return history

@@ -503,6 +503,9 @@ def _trainer(src: _Source, out: dict, notes: list, world: int) -> None:
         every = int(value)
     _put(out, "trainer.val_check_interval", every)
     _put(out, "trainer.checkpoint_every", every)  # NeMo's checkpoint callback saves at each validation
+    # Lightning validates at val_check_interval only: a run that stops at max_steps between two
+    # validations ends without one (the seed's 10-step run never validates)
+    _put(out, "trainer.final_validation", False)
 
 
 def _epoch_steps(ds: dict, world: int, accumulate: int) -> int | None:
@@ -538,6 +541,8 @@ def _exp_manager(src: _Source, out: dict, ignored: list) -> None:
     if not resume and not explicit and not version and src.get(f"{e}.use_datetime_version", True):
         ignored.append(f"{e}.use_datetime_version=true (no date-time sub-folder: the run goes to {run})")
     _put(out, "trainer.resume", resume)
+    tensorboard = src.get(f"{e}.create_tensorboard_logger", True)
+    _put(out, "trainer.tensorboard", "auto" if tensorboard else False)  # <run>/tensorboard, as NeMo's logger
     src.get(f"{e}.resume_ignore_no_checkpoint")
     if src.get(f"{e}.resume_from_checkpoint"):
         raise ConfigError(f"{e}.resume_from_checkpoint: Lightning .ckpt files are not read; Serinus resumes from "
