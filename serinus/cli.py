@@ -19,6 +19,7 @@ COMMANDS = {
     "oomptimize": ("serinus.data.oomptimizer", "Find the largest batch size per bucket within a memory budget."),
     "pack-aligner": ("serinus.checkpoint", "Pack a CTC model into a Canary checkpoint as its timestamp aligner."),
     "train": ("serinus.train", "Train or fine-tune a Canary model from a YAML config with dotted overrides."),
+    "serve": ("serinus.serve.server", "An OpenAI-compatible transcription/translation server (needs serinus[serve])."),
 }
 
 
