@@ -36,10 +36,11 @@ def recorder():
 
 
 def test_waiting_requests_share_a_batch(recorder):
-    batcher = Batcher(recorder, max_batch=4, max_wait_ms=200, queue_size=16)
+    batcher = Batcher(recorder, max_batch=4, max_wait_ms=500, queue_size=16)
     batcher.start()
     try:
-        futures = [batcher.submit(job(f"r{k}")) for k in range(6)]
+        with batcher.arrival():  # more requests on their way in: the first batch waits for them
+            futures = [batcher.submit(job(f"r{k}")) for k in range(6)]
         assert [f.result(5).text for f in futures] == [f"r{k}" for k in range(6)]
     finally:
         batcher.stop()
@@ -47,16 +48,20 @@ def test_waiting_requests_share_a_batch(recorder):
     assert batcher.stats.served == 6 and batcher.stats.largest_batch == 4
 
 
-def test_a_lone_request_waits_at_most_max_wait(recorder):
-    batcher = Batcher(recorder, max_batch=8, max_wait_ms=50, queue_size=4)
+def test_a_batch_waits_for_arrivals_at_most_max_wait_and_a_lone_request_not_at_all(recorder):
+    batcher = Batcher(recorder, max_batch=8, max_wait_ms=300, queue_size=4)
     batcher.start()
     try:
         start = time.monotonic()
         assert batcher.submit(job("alone")).result(5).text == "alone"
-        assert time.monotonic() - start < 2
+        assert time.monotonic() - start < 0.25  # nobody else on the way: no wait
+        with batcher.arrival():  # one on its way that never comes: the batch leaves after max_wait
+            start = time.monotonic()
+            assert batcher.submit(job("waited")).result(5).text == "waited"
+            assert 0.25 < time.monotonic() - start < 3
     finally:
         batcher.stop()
-    assert recorder.batches == [["alone"]]
+    assert recorder.batches == [["alone"], ["waited"]]
 
 
 def test_full_queue_refuses_with_retry_after_and_cancelled_jobs_are_not_decoded(recorder):

@@ -231,33 +231,20 @@ async def translations(request: Request) -> Response:
 
 
 async def _handle(request: Request, translate: bool) -> Response:
-    state = request.app.state
-    model, batcher = state.model, state.batcher
+    batcher = request.app.state.batcher
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise RequestError(400, "send the request as multipart/form-data with the audio in a 'file' part",
                            code="invalid_content_type")
-    form = await request.form(max_files=4, max_fields=64)
-    try:
-        options = read_options(form, get_format(model.cfg.prompt_format), translate)
-        check_slots(model, options.slots)
-        data, filename = await read_upload(form)
-    finally:
-        await form.close()
-    want_segments = options.response_format in NEEDS_SEGMENTS
-    if want_segments and options.words and not state.can_timestamp:
-        raise RequestError(400, "this model gives no word timestamps (no aligner, no frame tokens)",
-                           param="timestamp_granularities[]", code="invalid_value")
-    try:
-        samples = await run_in_threadpool(decode_upload, data, filename)
-    except UploadError as e:
-        raise RequestError(400, str(e), param="file", code="invalid_audio") from None
-    del data
-    job = Job(samples, options.slots, timestamps=want_segments and state.can_timestamp, name=display_name(filename))
-    try:
-        future = asyncio.wrap_future(batcher.submit(job))
-    except QueueFull as e:
-        raise RequestError(503, f"{e}; retry after {e.retry_after} s", code="queue_full",
-                           headers={"Retry-After": str(e.retry_after)}) from None
+    with batcher.arrival():
+        try:
+            # Before the upload is read, so a refusal costs no parsing or decoding (uvicorn drains the
+            # unread body; closing the connection instead would cut the client off mid-upload).
+            batcher.check_room()
+            options, job = await _read_job(request, translate)
+            future = asyncio.wrap_future(batcher.submit(job))
+        except QueueFull as e:
+            raise RequestError(503, f"{e}; retry after {e.retry_after} s", code="queue_full",
+                               headers={"Retry-After": str(e.retry_after)}) from None
     disconnect = asyncio.ensure_future(_wait_for_disconnect(request))
     try:
         await asyncio.wait({future, disconnect}, return_when=asyncio.FIRST_COMPLETED)
@@ -270,9 +257,31 @@ async def _handle(request: Request, translate: bool) -> Response:
     if hyp.error is not None:
         raise RequestError(500, f"decoding failed: {hyp.error}", code="decoding_failed")
     source, target = options.slots["source_lang"], options.slots["target_lang"]
-    body, media_type = render(hyp, options.response_format, len(samples) / SAMPLE_RATE, source,
+    body, media_type = render(hyp, options.response_format, len(job.samples) / SAMPLE_RATE, source,
                               "transcribe" if source == target else "translate", options.words)
     return Response(body, media_type=media_type)
+
+
+async def _read_job(request: Request, translate: bool) -> tuple[Options, Job]:
+    """The request read and checked whole: its options and the job for the model."""
+    state = request.app.state
+    form = await request.form(max_files=4, max_fields=64)
+    try:
+        options = read_options(form, get_format(state.model.cfg.prompt_format), translate)
+        check_slots(state.model, options.slots)
+        data, filename = await read_upload(form)
+    finally:
+        await form.close()
+    want_segments = options.response_format in NEEDS_SEGMENTS
+    if want_segments and options.words and not state.can_timestamp:
+        raise RequestError(400, "this model gives no word timestamps (no aligner, no frame tokens)",
+                           param="timestamp_granularities[]", code="invalid_value")
+    try:
+        samples = await run_in_threadpool(decode_upload, data, filename)
+    except UploadError as e:
+        raise RequestError(400, str(e), param="file", code="invalid_audio") from None
+    return options, Job(samples, options.slots, timestamps=want_segments and state.can_timestamp,
+                        name=display_name(filename))
 
 
 async def models(request: Request) -> Response:

@@ -3,7 +3,9 @@
 Requests from any number of clients wait in the queue; the model thread takes up to
 `max_batch` of them at once, or, when fewer are waiting, what arrives within `max_wait_ms` of
 the oldest, and decodes them as one `transcribe()` batch (each row with its own prompt, so
-requests in different languages share a batch). The model never runs on the event loop.
+requests in different languages share a batch). It waits only while other requests are on
+their way in (`arrival()`: being uploaded and checked), so a lone client is not kept waiting.
+The model never runs on the event loop.
 
 A full queue refuses new work (`QueueFull`, HTTP 503) instead of growing. A request whose
 client went away is cancelled: it leaves the queue and is never decoded. `stop()` lets the
@@ -12,6 +14,7 @@ thread finish everything already queued, for a graceful shutdown.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import time
@@ -82,6 +85,7 @@ class Batcher:
         self.decode, self.max_batch, self.max_wait, self.queue_size = decode, max_batch, max_wait_ms / 1000, queue_size
         self.queue: deque[Job] = deque()
         self.decoding = 0  # jobs in the batch on the model now
+        self.arriving = 0  # requests being read and checked, not queued yet
         self.stats = Stats()
         self._cond = threading.Condition()
         self._stopping = False
@@ -98,15 +102,35 @@ class Batcher:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
+    @contextlib.contextmanager
+    def arrival(self):
+        """Around reading a request until it is submitted: a batch being formed waits for it."""
+        with self._cond:
+            self.arriving += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.arriving -= 1
+                self._cond.notify_all()
+
+    def check_room(self) -> None:
+        """Raise QueueFull when a job would be refused now (checked before an upload is read, too)."""
+        with self._cond:
+            self._check_room()
+
+    def _check_room(self) -> None:
+        if self._stopping:
+            raise QueueFull("the server is shutting down", retry_after=5)
+        if len(self.queue) >= self.queue_size:
+            self.stats.rejected += 1
+            raise QueueFull(f"the server is busy: {len(self.queue)} requests are queued (limit {self.queue_size})",
+                            retry_after=self._retry_after())
+
     def submit(self, job: Job) -> Future:
         """Queue a job; its future gets the hypothesis. Raises QueueFull when the queue is full."""
         with self._cond:
-            if self._stopping:
-                raise QueueFull("the server is shutting down", retry_after=5)
-            if len(self.queue) >= self.queue_size:
-                self.stats.rejected += 1
-                raise QueueFull(f"the server is busy: {len(self.queue)} requests are queued (limit {self.queue_size})",
-                                retry_after=self._retry_after())
+            self._check_room()
             self.queue.append(job)
             self._cond.notify_all()
         job.future.add_done_callback(lambda _: self._forget(job))
@@ -134,7 +158,7 @@ class Batcher:
                     return None
                 self._cond.wait()
             deadline = self.queue[0].queued_at + self.max_wait
-            while len(self.queue) < self.max_batch and not self._stopping:
+            while len(self.queue) < self.max_batch and self.arriving > 0 and not self._stopping:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
