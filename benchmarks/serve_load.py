@@ -1,6 +1,6 @@
 """Load on `serinus serve`: N concurrent clients on loopback, each sending fixture clips for a
-fixed time, batched (--max-batch 8) against one-at-a-time (--max-batch 1); then clients that
-outrun a small queue. Every answer is checked against `transcribe()` of the same clip.
+fixed time, batched (--max-batch 8) against one-at-a-time (--max-batch 1), alternating; then
+clients that outrun a small queue. Every answer is checked against `transcribe()` of the same clip.
 
     flock /tmp/serinus-cpu.lock python benchmarks/serve_load.py            # the table in docs/serve.md
     python benchmarks/serve_load.py --seconds 5 --clients 1,8              # a quick look
@@ -169,14 +169,20 @@ def main() -> int:
           f"{args.server_threads or 'default'}\n")
     print("| server | clients | requests/s | audio s/s | p50 ms | p99 ms | answered | wrong | lost | 503 | note |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for label, batch in ((f"batched (--max-batch {args.max_batch})", args.max_batch), ("one at a time (--max-batch 1)", 1)):
-        server = Server(Path(args.model), "--max-batch", str(batch), threads=args.server_threads)
-        try:
-            for n in clients:
+    # Both servers stay up and the runs alternate between them, so that a change in the machine's
+    # load during the benchmark hits both alike.
+    servers = {f"batched (--max-batch {args.max_batch})": Server(Path(args.model), "--max-batch", str(args.max_batch),
+                                                                 threads=args.server_threads),
+               "one at a time (--max-batch 1)": Server(Path(args.model), "--max-batch", "1",
+                                                       threads=args.server_threads)}
+    try:
+        for n in clients:
+            for label, server in servers.items():
                 r = asyncio.run(load(server.url, clips, n, args.seconds))
                 largest = httpx.get(f"{server.url}/health").json()["largest_batch"]
                 print(row(label, n, r, f" largest batch so far {largest} |"), flush=True)
-        finally:
+    finally:
+        for server in servers.values():
             server.stop()
 
     server = Server(Path(args.model), "--max-batch", str(args.max_batch), "--queue", str(args.overrun_queue),
