@@ -295,6 +295,19 @@ def test_oversize_upload_is_refused_before_it_is_read(server, model):
     assert good.status_code == 200 and good.json()["text"] == expected(model, "en_01", "en").text
 
 
+def test_a_client_gone_mid_upload_costs_nothing(server, model):
+    before = server.health(AUTH)
+    part = (b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'
+            + wav_bytes("en_01")[:20000])
+    with socket.create_connection(("127.0.0.1", server.port)) as s:
+        s.sendall(b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode()
+                  + b"\r\nContent-Type: multipart/form-data; boundary=b\r\nContent-Length: 200000\r\n\r\n" + part)
+    good = post(server, {}, {"file": ("en_01.wav", wav_bytes("en_01"))})
+    assert good.status_code == 200 and good.json()["text"] == expected(model, "en_01", "en").text
+    after = server.health(AUTH)
+    assert after["served"] == before["served"] + 1 and after["queued"] == 0
+
+
 # -- a one-at-a-time server with a queue of one: 503, /health while decoding, disconnects, SIGTERM
 
 @pytest.fixture(scope="module")
