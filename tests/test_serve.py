@@ -18,7 +18,7 @@ import soundfile
 
 pytest.importorskip("uvicorn")
 pytest.importorskip("starlette")
-pytest.importorskip("multipart")
+pytest.importorskip("python_multipart")
 httpx = pytest.importorskip("httpx")
 
 from conftest import AUDIO, FIXTURES, REPO  # noqa: E402

@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         if value < least or (flag == "--max-upload-mb" and value == 0):
             parser.error(f"{flag} must be {'> 0' if flag == '--max-upload-mb' else f'>= {least}'}, got {value}")
     try:
-        import multipart  # noqa: F401  (python-multipart: starlette's form parser)
+        import python_multipart  # noqa: F401  (starlette's form parser)
         import starlette  # noqa: F401
         import uvicorn
     except ImportError as e:
