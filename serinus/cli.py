@@ -20,6 +20,7 @@ COMMANDS = {
     "pack-aligner": ("serinus.checkpoint", "Pack a CTC model into a Canary checkpoint as its timestamp aligner."),
     "export": ("serinus.nemo_export", "Write a model as a .nemo archive that NeMo restores."),
     "train": ("serinus.train", "Train or fine-tune a Canary model from a YAML config with dotted overrides."),
+    "serve": ("serinus.serve.server", "An OpenAI-compatible transcription/translation server (needs serinus[serve])."),
 }
 
 
