@@ -245,67 +245,6 @@ def test_real_model_long_files_batch_size_independent(model, clips, tmp_path):
     assert all(h.error is None and h.text for h in alone)
 
 
-# -- the canary-1b-v2 style references: NeMo chunks these, and Serinus must chunk and merge alike
-
-
-def _v2_runs():
-    runs = json.loads((REFERENCE / "tiny_canary2_v2style" / "transcribe.json").read_text())["runs"]
-    return [r for r in runs if "chunking" in r["captured"]]
-
-
-@pytest.fixture(scope="module")
-def v2_model():
-    return CanaryModel.from_pretrained(FIXTURES / "tiny_canary2_v2style.nemo")
-
-
-@pytest.mark.parametrize("run", _v2_runs(), ids=lambda r: r["name"])
-def test_v2style_chunks_merges_and_timestamps_equal_nemo(v2_model, run, monkeypatch):
-    captured = run["captured"]
-    audio = run["audio"]
-    audio = [str(FIXTURES / a) for a in audio] if isinstance(audio, list) else str(FIXTURES / audio)
-    seen = []
-    real_decode = tr.decode_units
-
-    def spy(model, units, decoding, encode_rows=None):
-        hyps = real_decode(model, units, decoding, encode_rows)
-        seen.append((units, hyps))
-        return hyps
-
-    lcs_calls = []
-    real_lcs = longform.lcs_merge
-    monkeypatch.setattr(tr, "decode_units", spy)
-    monkeypatch.setattr(longform, "lcs_merge", lambda *a, **k: lcs_calls.append(a[:2]) or real_lcs(*a, **k))
-    batch_size = 4 if "bs4" in run["name"] else 2 if "bs2" in run["name"] else 1
-    beam = run["decoding"]["beam"]["beam_size"] if run["decoding"]["strategy"] == "beam" else 1
-    delta = run["decoding"]["beam" if beam > 1 else "greedy"]["max_generation_delta"]
-    hyps = tr.transcribe(v2_model, audio, batch_size=batch_size, beam_size=beam, max_generation_delta=delta, **run["kwargs"])
-
-    # every file cut where NeMo cut it, its rows decoded as NeMo's batches were
-    for chunking in captured["chunking"]:
-        spans = longform.chunk_spans(chunking["total_samples"])
-        assert [s for s, _ in spans] == chunking["chunk_start_samples"]
-        assert [n for _, n in spans] == chunking["chunk_valid_lens"]
-    # (NeMo decodes in input order, Serinus longest first: compare the batches as a set)
-    ours = sorted((tuple(len(u.samples) for u in units), tuple(u.encoded_len for u in units), tuple(units[0].prompt))
-                  for units, _ in seen)
-    nemo = sorted((tuple(f["audio_lens"]), tuple(f["encoded_lengths"]), tuple(f["decoder_input_ids"][0]))
-                  for f in captured["forward"])
-    assert ours == nemo
-    for merge in captured.get("merge_parallel_chunks", []):
-        chunk_hyps = next(h for u, h in seen if len(u) == len(merge["chunks"]))
-        assert [h.y_sequence for h in chunk_hyps] == [c["y_sequence"] for c in merge["chunks"]]
-        assert [h.text for h in chunk_hyps] == [c["text"] for c in merge["chunks"]]
-        if merge["timestamps"]:  # the chunks' token-level alignments the merge stitches together
-            assert [h.timestamp["char"] for h in chunk_hyps] == [c["timestamp"]["char"] for c in merge["chunks"]]
-    assert [list(b) for b, _ in lcs_calls] == [c["buffer"] for c in captured.get("lcs_merges", [])]
-    assert [list(d) for _, d in lcs_calls] == [c["data"] for c in captured.get("lcs_merges", [])]
-    for hyp, ref in zip(hyps, run["hyps"], strict=True):
-        assert hyp.text == ref["text"]
-        assert hyp.y_sequence == ref["y_sequence"]
-        assert hyp.score == pytest.approx(ref["score"], abs=1e-3)
-        assert hyp.timestamp == (ref["timestamp"] or {})
-
-
 def test_enable_chunking_false_decodes_whole(model):
     hyps = tr.transcribe(model, str(AUDIO / "en_long.wav"), enable_chunking=False)
     ref = json.loads((REFERENCE / "tiny_canary2" / "transcribe.json").read_text())["runs"]
