@@ -11,7 +11,7 @@ import torch
 
 from conftest import AUDIO, FIXTURES
 from serinus import transcribe as tr
-from serinus.audio import load_audio
+from serinus.audio import load_audio, pad_min_duration
 from serinus.model.canary import CanaryModel
 
 @pytest.fixture(scope="module")
@@ -21,11 +21,11 @@ def model():
 
 def test_short_audio_is_padded_to_one_second_both_sides():
     samples = np.arange(1, 8001, dtype=np.float32)
-    padded = tr.pad_to_min_duration(samples)
+    padded = pad_min_duration(samples)
     assert len(padded) == 16000
     assert (padded[:4000] == 0).all() and (padded[12000:] == 0).all()
     np.testing.assert_array_equal(padded[4000:12000], samples)
-    assert tr.pad_to_min_duration(np.ones(16001, dtype=np.float32)).shape == (16001,)
+    assert pad_min_duration(np.ones(16001, dtype=np.float32)).shape == (16001,)
 
 
 def test_arrays_and_paths_mixed_come_back_in_input_order(model):

@@ -20,13 +20,12 @@ import pytest
 import torch
 
 from conftest import AUDIO, FIXTURES, REFERENCE
-from serinus import longform
 from serinus.audio import collate_audio, load_audio
 from serinus.decoding import DecodingConfig, greedy_decode, max_new_tokens
 from serinus.model.canary import CanaryModel
 from serinus.prompt import encode_prompt
-from serinus.timestamps import parse_timestamp_tokens, segments_from_words
-from serinus import transcribe as tr
+from serinus.pipeline import decode, merge, plan
+from serinus.timestamps import TimedWord, parse_timestamp_tokens, segments_from_words
 from serinus.transcribe import transcribe
 
 MODELS = ["tiny_canary2", "tiny_canary2_unified", "tiny_canary2_v2style"]
@@ -118,35 +117,35 @@ def test_every_recorded_run_end_to_end(name, run, monkeypatch):
 def observe_internals(monkeypatch) -> dict:
     """Record (without changing anything) each decoded batch and each LCS merge call."""
     seen = {"batches": [], "lcs": []}
-    real_decode, real_lcs = tr.decode_units, longform.lcs_merge
+    real_decode, real_lcs = decode.decode_batch, merge.lcs_merge
 
-    def decode(model, units, decoding, encode_rows=None):
-        hyps = real_decode(model, units, decoding, encode_rows)
-        seen["batches"].append((units, hyps))
-        return hyps
+    def decode_batch(model, loaded, *args):
+        out = real_decode(model, loaded, *args)
+        seen["batches"].append([d for piece in out for d in piece])
+        return out
 
-    monkeypatch.setattr(tr, "decode_units", decode)
-    monkeypatch.setattr(longform, "lcs_merge", lambda *a, **k: seen["lcs"].append(a[:2]) or real_lcs(*a, **k))
+    monkeypatch.setattr(decode, "decode_batch", decode_batch)
+    monkeypatch.setattr(merge, "lcs_merge", lambda *a, **k: seen["lcs"].append(a[:2]) or real_lcs(*a, **k))
     return seen
 
 
 def check_chunking_as_nemo(captured: dict, seen: dict) -> None:
     for chunking in captured["chunking"]:  # every file cut where NeMo cut it
-        spans = longform.chunk_spans(chunking["total_samples"])
+        spans = plan.chunk_spans(chunking["total_samples"])
         assert [s for s, _ in spans] == chunking["chunk_start_samples"]
         assert [n for _, n in spans] == chunking["chunk_valid_lens"]
     # its rows decoded as NeMo's batches were (NeMo goes in input order, Serinus longest first)
-    ours = sorted((tuple(len(u.samples) for u in units), tuple(u.encoded_len for u in units), tuple(units[0].prompt))
-                  for units, _ in seen["batches"])
+    ours = sorted((tuple(len(d.row.samples) for d in rows), tuple(d.encoded_len for d in rows), tuple(rows[0].row.prompt))
+                  for rows in seen["batches"])
     nemo = sorted((tuple(f["audio_lens"]), tuple(f["encoded_lengths"]), tuple(f["decoder_input_ids"][0]))
                   for f in captured["forward"])
     assert ours == nemo
-    for merge in captured.get("merge_parallel_chunks", []):
-        chunk_hyps = next(h for u, h in seen["batches"] if len(u) == len(merge["chunks"]))
-        assert [h.y_sequence for h in chunk_hyps] == [c["y_sequence"] for c in merge["chunks"]]
-        assert [h.text for h in chunk_hyps] == [c["text"] for c in merge["chunks"]]
-        if merge["timestamps"]:  # the chunks' token-level alignments the merge stitches together
-            assert [h.timestamp["char"] for h in chunk_hyps] == [c["timestamp"]["char"] for c in merge["chunks"]]
+    for recorded in captured.get("merge_parallel_chunks", []):
+        chunks = [d.transcript for d in next(rows for rows in seen["batches"] if len(rows) == len(recorded["chunks"]))]
+        assert [t.tokens for t in chunks] == [c["y_sequence"] for c in recorded["chunks"]]
+        assert [t.text for t in chunks] == [c["text"] for c in recorded["chunks"]]
+        if recorded["timestamps"]:  # the chunks' token-level alignments the merge stitches together
+            assert [t.timestamps.to_nemo(["char"])["char"] for t in chunks] == [c["timestamp"]["char"] for c in recorded["chunks"]]
     assert [list(b) for b, _ in seen["lcs"]] == [c["buffer"] for c in captured.get("lcs_merges", [])]
     assert [list(d) for _, d in seen["lcs"]] == [c["data"] for c in captured.get("lcs_merges", [])]
 
@@ -181,7 +180,7 @@ def merge_overlap_reference(merged, data, window=24, max_drop=4):
 def decode_chunks_one_by_one(model, samples, timestamp: bool):
     """Each 30-40 s chunk of `samples` encoded and greedily decoded on its own, straight through
     the model (no transcribe()); returns the chunk starts and their token ids."""
-    spans = longform.chunk_spans(len(samples))
+    spans = plan.chunk_spans(len(samples))
     slots = {"source_lang": "en", "target_lang": "en", "pnc": "yes", "timestamp": "yes" if timestamp else "no"}
     prompt = encode_prompt(model.tokenizer, model.cfg.prompt_format, slots)
     out = []
@@ -233,8 +232,8 @@ def test_flash_timestamp_merge_with_the_real_decoder(long_clip):
         lo = -np.inf if k == 0 else (start + overlap / 2) / sr
         hi = np.inf if k + 1 == len(chunks) else (chunks[k + 1][0] + overlap / 2) / sr
         for w in chunk_words or []:
-            w = dict(w, start=w["start"] + start / sr, end=w["end"] + start / sr,
-                     start_offset=w["start_offset"] + start // 1280, end_offset=w["end_offset"] + start // 1280)
+            w = dict(w.to_nemo(), start=w.start + start / sr, end=w.end + start / sr,
+                     start_offset=w.start_offset + start // 1280, end_offset=w.end_offset + start // 1280)
             if lo <= (w["start"] + w["end"]) / 2 < hi:
                 if words and w["start"] < words[-1]["end"]:
                     w["start"], w["start_offset"] = words[-1]["end"], words[-1]["end_offset"]
@@ -245,5 +244,6 @@ def test_flash_timestamp_merge_with_the_real_decoder(long_clip):
     assert hyp.error is None
     assert hyp.text == " ".join(w["word"] for w in words)
     assert hyp.timestamp["word"] == words
-    assert hyp.timestamp["segment"] == segments_from_words(words)
+    records = [TimedWord(w["word"], w["start_offset"], w["end_offset"], w["start"], w["end"]) for w in words]
+    assert hyp.timestamp["segment"] == [seg.to_nemo() for seg in segments_from_words(records)]
     assert hyp.y_sequence == [t for _, ids in chunks for t in ids]
