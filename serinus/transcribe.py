@@ -78,7 +78,7 @@ def transcribe(
         if item.error is not None:
             results.add(item, Hypothesis(error=item.error))
     todo = [item for item in items if item.error is None]
-    bar = Progress(todo) if progress else None
+    bar = Progress(todo) if options.progress else None
     results.add_all(run(model, todo, options, bar), bar)
     return results.hyps
 
