@@ -31,6 +31,7 @@ import json, resource, sys, time
 import torch
 from serinus.checkpoint import load_model
 from serinus import transcribe as tr
+from serinus.pipeline import decode
 
 def rss_mib():  # current RSS (VmRSS) and peak (VmHWM) from /proc
     fields = dict(line.split(":", 1) for line in open("/proc/self/status"))
@@ -42,11 +43,11 @@ model = load_model(model_path, device=device)
 base, _ = rss_mib()
 open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
 rows = []
-real = tr.decode_units
+real = decode.run_decoder
 def count(m, units, d, encode_rows=None):
     rows.append(len(units))
     return real(m, units, d, encode_rows)
-tr.decode_units = count
+decode.run_decoder = count
 start = time.perf_counter()
 hyp = tr.transcribe(model, audio_path, batch_size=int(batch_size))[0]
 wall = time.perf_counter() - start

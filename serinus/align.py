@@ -8,7 +8,7 @@ Viterbi pass, then reads segment / word / token times off the best path
     text --build_utterance--> y = [blank, t1, blank, t2, ..., blank]   (plus the segment/word/token tree)
     log_probs, y --viterbi_align--> path: the state index (into y) of every frame
     path --utterance_times--> t_start/t_end of every segment, word and token (seconds, -1 = never visited)
-    tree --timestamp_dicts--> NeMo's {'segment': [...], 'word': [...], 'char': [...]} dicts
+    tree --timestamp_records--> segment / word / token records (NeMo's dicts: Timestamps.to_nemo)
 
 The tokenizer is duck-typed: anything with `text_to_ids`, `text_to_tokens`, `ids_to_tokens`, `ids_to_text`
 (NeMo's / our tokenizer classes), or a bare `sentencepiece.SentencePieceProcessor`. It must be the CTC model's
@@ -22,6 +22,8 @@ from typing import Sequence
 
 import numpy as np
 import torch
+
+from serinus.timestamps import Timestamps, TimedSegment, TimedToken, TimedWord
 
 PAD_LOGPROB = -3.4e38  # NeMo's padding value (about the float32 minimum); two of them add up to -inf
 SEGMENT_SEPARATORS = (".", "?", "!", "...")  # a single char is tested, so "..." acts like "."
@@ -340,14 +342,14 @@ def _normalise_types(timestamp_type) -> list[str]:
     return types
 
 
-def timestamp_dicts(
+def timestamp_records(
     utt: Utterance,
     tokenizer,
     frame_seconds: float,
     timestamp_type="all",
     punctuation=PUNCTUATION,
-) -> dict[str, list[dict]]:
-    """NeMo's `process_timestamps`: the dicts of one aligned utterance (mutates the punctuation tokens' times).
+) -> Timestamps:
+    """NeMo's `process_timestamps`: the records of one aligned utterance (mutates the punctuation tokens' times).
 
     start/end = round(t, 2) and offsets = int(t / frame_seconds) (truncating, so e.g. 29 frames -> 28). A
     punctuation piece gets start = end = the (rounded) end of the previous token of its word; when it ends
@@ -355,43 +357,32 @@ def timestamp_dicts(
     """
     tok = tokenizer if isinstance(tokenizer, _Tok) else _Tok(tokenizer)
     types = _normalise_types(timestamp_type)
-    out: dict[str, list[dict]] = {t: [] for t in types}
+    out = Timestamps(*([] if kind in types else None for kind in ("word", "segment", "char")))
 
     def offset(t):
         return int(t / frame_seconds) if t != -1 else -1
 
-    def item(key, node):  # a segment or word item; -1 (never visited) stays -1
-        return {key: node.text, "start_offset": offset(node.t_start), "end_offset": offset(node.t_end),
-                "start": round(node.t_start, 2), "end": round(node.t_end, 2)}
+    def times(node):  # a segment's or word's; -1 (never visited) stays -1
+        return offset(node.t_start), offset(node.t_end), round(node.t_start, 2), round(node.t_end, 2)
 
     for seg in utt.segments:
-        if "segment" in types:
-            out["segment"].append(item("segment", seg))
+        if out.segments is not None:
+            out.segments.append(TimedSegment(seg.text, *times(seg)))
         for word in seg.words:
-            if "word" in types:
-                out["word"].append(item("word", word))
+            if out.words is not None:
+                out.words.append(TimedWord(word.text, *times(word)))
             for i, token in enumerate(word.tokens):
                 if token.text in punctuation:
                     pinned = round(word.tokens[i - 1].t_end, 2) if i > 0 else round(token.t_start, 2)
-                    if "segment" in types and seg.t_end == word.t_end:
-                        out["segment"][-1]["end"] = pinned
-                        out["segment"][-1]["end_offset"] = offset(pinned)
-                    if "word" in types and word.t_end == token.t_end:
-                        out["word"][-1]["end"] = pinned
-                        out["word"][-1]["end_offset"] = offset(pinned)
+                    if out.segments is not None and seg.t_end == word.t_end:
+                        out.segments[-1].end, out.segments[-1].end_offset = pinned, offset(pinned)
+                    if out.words is not None and word.t_end == token.t_end:
+                        out.words[-1].end, out.words[-1].end_offset = pinned, offset(pinned)
                     token.t_start = token.t_end = pinned
-                if "char" in types:
-                    out["char"].append(
-                        {
-                            "char": tok.ids_to_text([token.token_id]),
-                            "token_id": token.token_id,
-                            "token": token.text,
-                            "start_offset": offset(token.t_start),
-                            "end_offset": offset(token.t_end),
-                            "start": round(token.t_start, 2),
-                            "end": round(token.t_end, 2),
-                        }
-                    )
+                if out.tokens is not None:
+                    out.tokens.append(TimedToken(tok.ids_to_text([token.token_id]), token.token_id, token.text,
+                                                 offset(token.t_start), offset(token.t_end),
+                                                 round(token.t_start, 2), round(token.t_end, 2)))
     return out
 
 
@@ -408,7 +399,13 @@ def _separators(timestamp_type):
 class Alignment:
     utterance: Utterance
     path: list[int]  # state index per frame
-    timestamp: dict[str, list[dict]]
+    timestamps: Timestamps
+    types: list[str]  # the kinds asked for, in the order asked
+
+    @property
+    def timestamp(self) -> dict[str, list[dict]]:
+        """NeMo's dict, keyed by the requested types in their order."""
+        return self.timestamps.to_nemo(self.types)
 
 
 def forced_align_batch(
@@ -444,7 +441,8 @@ def forced_align_batch(
     out = []
     for utt, path in zip(utts, paths):
         utterance_times(utt, path, frame_seconds)
-        out.append(Alignment(utt, path, timestamp_dicts(utt, tok, frame_seconds, timestamp_type)))
+        out.append(Alignment(utt, path, timestamp_records(utt, tok, frame_seconds, timestamp_type),
+                             _normalise_types(timestamp_type)))
     return out
 
 
@@ -480,8 +478,7 @@ def ctc_log_probs(aligner, samples: Sequence[np.ndarray]) -> tuple[torch.Tensor,
     As NeMo's CTC `transcribe` on a list of arrays: each clip is padded to >= 1 s (zeros on both sides)
     and the batch is zero-padded to its longest clip.
     """
-    from serinus.audio import collate_audio
-    from serinus.longform import pad_min_duration
+    from serinus.audio import collate_audio, pad_min_duration
 
     audio, lengths = collate_audio([pad_min_duration(np.asarray(s, dtype=np.float32)) for s in samples],
                                    next(aligner.parameters()).device)
@@ -490,8 +487,8 @@ def ctc_log_probs(aligner, samples: Sequence[np.ndarray]) -> tuple[torch.Tensor,
     return log_probs, T
 
 
-def align_texts(model, samples: Sequence[np.ndarray], hyps, timestamp_type="all") -> None:
-    """Set `hyp.timestamp` of each hypothesis by aligning `hyp.text` with `model.aligner` (in place).
+def align_texts(model, samples: Sequence[np.ndarray], texts: Sequence[str], timestamp_type="all") -> list[Timestamps]:
+    """The timestamps of each text, aligned to its clip with `model.aligner`.
 
     NeMo's `get_forced_aligned_timestamps_with_external_model` for one AED batch: all clips go through the
     CTC model together, then one batched Viterbi. transcribe() uses ['word', 'segment'] for whole files and
@@ -500,11 +497,8 @@ def align_texts(model, samples: Sequence[np.ndarray], hyps, timestamp_type="all"
     aligner = model.aligner
     tokenizer = getattr(model, "aligner_tokenizer", None) or model.tokenizer
     log_probs, T = ctc_log_probs(aligner, samples)
-    results = forced_align_batch(
-        [h.text for h in hyps], log_probs, T, tokenizer, aligner.blank_id, aligner.frame_seconds, timestamp_type
-    )
-    for hyp, result in zip(hyps, results):
-        hyp.timestamp = result.timestamp
+    results = forced_align_batch(texts, log_probs, T, tokenizer, aligner.blank_id, aligner.frame_seconds, timestamp_type)
+    return [result.timestamps for result in results]
 
 
 # -- standalone forced alignment: `serinus align AUDIO TEXT --model M` --------------------------

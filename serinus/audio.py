@@ -1,7 +1,7 @@
 """Audio loading and the log-mel front end.
 
-`load_audio` turns a file into float32 mono samples at 16 kHz (soundfile, or ffmpeg for
-compressed formats soundfile cannot read). `LogMel` reproduces NeMo 3.0.0's
+`load_audio` turns a file (or a span of it) into float32 mono samples at 16 kHz (soundfile,
+or ffmpeg for compressed formats soundfile cannot read). `LogMel` reproduces NeMo 3.0.0's
 `FilterbankFeatures` (the `preprocessor` of every Canary model) so that features match the
 ones the checkpoints were trained on:
 
@@ -78,20 +78,29 @@ def _decode_ffmpeg(path: Path, sample_rate: int) -> np.ndarray:
     return np.frombuffer(proc.stdout, dtype="<f4").astype(np.float32)
 
 
-def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE, start: int = 0,
+               stop: int | None = None) -> np.ndarray:
     """Read an audio file as float32 mono samples [N] at `sample_rate`.
 
     soundfile reads wav/flac/ogg (and what else libsndfile knows); other formats (mp3, m4a,
     opus, ...) are decoded with `ffmpeg` when it is on PATH. Channels are averaged; a different
     rate is resampled with soxr 'HQ' (what librosa's default resampler uses).
+    `start`/`stop` (samples at `sample_rate`) read only that span: soundfile seeks, so an hour of
+    a 3-hour file costs an hour of memory; what ffmpeg decodes is decoded whole, then cut.
     """
     path = Path(path)
     if not path.exists():
         raise AudioError(f"{path}: no such audio file")
     if not path.is_file():
         raise AudioError(f"{path}: not a regular file")
+    whole = start == 0 and stop is None
     try:
-        data, sr = soundfile.read(str(path), dtype="float32", always_2d=True)  # [N, C]
+        if whole:
+            data, sr = soundfile.read(str(path), dtype="float32", always_2d=True)  # [N, C]
+        else:
+            sr = soundfile.info(str(path)).samplerate
+            a, b = start * sr // sample_rate, None if stop is None else -(-stop * sr // sample_rate)
+            data, _ = soundfile.read(str(path), start=a, stop=b, dtype="float32", always_2d=True)
         samples = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
     except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as sf_error:
         if shutil.which("ffmpeg") is None:
@@ -103,12 +112,29 @@ def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.nd
                 "install ffmpeg (e.g. `apt install ffmpeg` or `brew install ffmpeg`) to read mp3/m4a/opus and "
                 "other compressed audio"
             ) from sf_error
-        samples, sr = _decode_ffmpeg(path, sample_rate), sample_rate
+        samples, sr = _decode_ffmpeg(path, sample_rate)[start:stop], sample_rate
     if samples.size == 0:
         raise AudioError(f"{path}: audio is empty (0 samples)")
     if sr != sample_rate:
         samples = soxr.resample(samples, sr, sample_rate, quality="HQ")
+        if stop is not None:
+            samples = samples[: stop - start]
     return validate_audio(samples, str(path))
+
+
+def pad_min_duration(samples, min_samples: int = SAMPLE_RATE):
+    """Zero-pad a 1-D numpy array or tensor to at least `min_samples`, half on each side (left = pad // 2).
+
+    Both the lhotse dataloader (pad_min_duration=1.0, 'both') and the CTC aligner's tensor dataset do this,
+    and NeMo keeps timestamps relative to the padded audio.
+    """
+    pad = min_samples - len(samples)
+    if pad <= 0:
+        return samples
+    left, right = pad // 2, pad - pad // 2
+    if isinstance(samples, torch.Tensor):
+        return torch.nn.functional.pad(samples, (left, right))
+    return np.pad(np.asarray(samples), (left, right))
 
 
 # ---------------------------------------------------------------------------------------------

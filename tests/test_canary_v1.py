@@ -13,7 +13,7 @@ import pytest
 import sentencepiece as spm
 import torch
 
-import serinus.transcribe as tr
+from serinus.pipeline import decode
 from conftest import AUDIO, FIXTURES
 from serinus.audio import FeatureConfig, load_audio
 from serinus.data import tokenizers as tk
@@ -190,13 +190,13 @@ def test_prompt_defaults_match_nemo(tok, spl_pieces):
 def captured(monkeypatch):
     """The prompt rows every greedy decoding call gets."""
     rows = []
-    real = tr.greedy_decode
+    real = decode.greedy_decode
 
     def spy(decoder, states, mask, prompts, *args, **kwargs):
         rows.extend(prompts.tolist())
         return real(decoder, states, mask, prompts, *args, **kwargs)
 
-    monkeypatch.setattr(tr, "greedy_decode", spy)
+    monkeypatch.setattr(decode, "greedy_decode", spy)
     return rows
 
 

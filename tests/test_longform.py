@@ -1,5 +1,5 @@
-"""Long audio (serinus.longform) against NeMo 3.0.0: chunk boundaries, every LCS merge it made, merged
-text and timestamps, hour windows and the 1 s padding."""
+"""Long audio against NeMo 3.0.0: chunk boundaries (serinus.pipeline.plan), every LCS merge it made,
+merged text and timestamps, hour windows (serinus.pipeline.merge) and the 1 s padding."""
 
 import json
 
@@ -10,7 +10,9 @@ import soundfile as sf
 import torch
 
 from conftest import AUDIO, FIXTURES, REFERENCE
-from serinus import longform
+from serinus.audio import pad_min_duration
+from serinus.pipeline import merge, plan
+from serinus.timestamps import TimedToken, TimedWord, Timestamps, segments_from_words
 
 REF = REFERENCE / "tiny_canary2_v2style"
 SYNTH = json.loads((REF / "chunk_merge_synthetic.json").read_text())["cases"]
@@ -33,8 +35,8 @@ def test_long_files_have_the_recorded_lengths():
 def test_chunk_boundaries(case):
     total = TOTALS[case["file"]]
     samples = np.arange(total, dtype=np.float32)
-    chunks = longform.chunk_waveform(samples)
-    assert chunks.chunk_size == case["chunk_size_samples"] == longform.find_chunk_size(total)
+    chunks = plan.chunk_waveform(samples)
+    assert chunks.chunk_size == case["chunk_size_samples"] == plan.find_chunk_size(total)
     assert chunks.starts == case["chunk_start_samples"]
     assert chunks.lengths == case["chunk_valid_lens"]
     assert chunks.audio.shape == (len(chunks.starts), chunks.chunk_size)
@@ -48,7 +50,7 @@ def test_chunking_recorded_in_transcribe():
     for run in RUNS:
         for rec in run["captured"].get("chunking", []):
             total = rec["total_samples"]
-            chunks = longform.chunk_waveform(torch.zeros(total), overlap=rec["overlap_samples"])
+            chunks = plan.chunk_waveform(torch.zeros(total), overlap=rec["overlap_samples"])
             assert chunks.chunk_size == rec["chunk_size_samples"]
             assert chunks.starts == rec["chunk_start_samples"]
             assert chunks.lengths == rec["chunk_valid_lens"]
@@ -59,14 +61,14 @@ def test_chunking_recorded_in_transcribe():
 
 def test_find_chunk_size_rules():
     sr = 16000
-    assert longform.find_chunk_size(40 * sr - 1) == 40 * sr - 1  # under 40 s: one chunk
-    assert longform.find_chunk_size(40 * sr) == 30 * sr  # 40 s is already split: 30 s + 11 s beats 40 s + 1 s
+    assert plan.find_chunk_size(40 * sr - 1) == 40 * sr - 1  # under 40 s: one chunk
+    assert plan.find_chunk_size(40 * sr) == 30 * sr  # 40 s is already split: 30 s + 11 s beats 40 s + 1 s
     # 60 s: 30 s chunks leave 2 s, 31 s leave 30 s, ... 40 s chunks leave 21 s -> 31 s wins
-    assert longform.find_chunk_size(60 * sr) == 31 * sr
+    assert plan.find_chunk_size(60 * sr) == 31 * sr
     # brute force: the longest last chunk, the smallest size on a tie
     for total in (41 * sr, 77 * sr + 123, 3600 * sr):
         best = max(range(30, 41), key=lambda s: (total - (s - 1) * sr * (-(-total // ((s - 1) * sr)) - 1), -s))
-        assert longform.find_chunk_size(total) == best * sr
+        assert plan.find_chunk_size(total) == best * sr
 
 
 def test_lcs_merges_recorded_by_nemo():
@@ -75,20 +77,20 @@ def test_lcs_merges_recorded_by_nemo():
     assert len(calls) >= 20
     for call in calls:
         buffer = list(call["buffer"])
-        assert longform.lcs_merge(buffer, call["data"], delay=call["delay"], **call["kwargs"]) == call["result"]
+        assert merge.lcs_merge(buffer, call["data"], delay=call["delay"], **call["kwargs"]) == call["result"]
         assert buffer == call["buffer"]  # inputs are not modified
 
 
 def test_lcs_alignment_partial_matches():
     # complete match at the end of X: walked back to its start
-    assert longform.lcs_alignment([1, 2, 3, 4], [3, 4, 5]) == (2, 0, 2)
+    assert merge.lcs_alignment([1, 2, 3, 4], [3, 4, 5]) == (2, 0, 2)
     # a single-token match is too short to trust: nothing is cut
-    assert longform.lcs_alignment([1, 2, 3, 9], [3, 7, 8]) == (3, 0, 0)
-    assert longform.lcs_merge([1, 2, 3, 9], [3, 7, 8]) == [1, 2, 3, 9, 3, 7, 8]
+    assert merge.lcs_alignment([1, 2, 3, 9], [3, 7, 8]) == (3, 0, 0)
+    assert merge.lcs_merge([1, 2, 3, 9], [3, 7, 8]) == [1, 2, 3, 9, 3, 7, 8]
     # a match not reaching the end of X, stretched across one mismatch
-    assert longform.lcs_merge([5, 1, 2, 3, 4, 6], [1, 2, 3, 4, 7, 8]) == [5, 1, 2, 3, 4, 7, 8]
-    assert longform.lcs_merge([], [1, 2]) == [1, 2]
-    assert longform.lcs_merge([1, 2], [2, 3], parallel_chunking=False) == [1, 2, 3]
+    assert merge.lcs_merge([5, 1, 2, 3, 4, 6], [1, 2, 3, 4, 7, 8]) == [5, 1, 2, 3, 4, 7, 8]
+    assert merge.lcs_merge([], [1, 2]) == [1, 2]
+    assert merge.lcs_merge([1, 2], [2, 3], parallel_chunking=False) == [1, 2, 3]
 
 
 @pytest.mark.parametrize("case", SYNTH, ids=lambda c: c["file"])
@@ -100,13 +102,13 @@ def test_merge_parallel_chunks_synthetic(case, mode, sp):
         tokens = [[c["token_id"] for c in h["timestamp"]["char"]] for h in hyps]
     else:
         tokens = [h["y_sequence"] for h in hyps]
-    merged = longform.merge_chunk_tokens(tokens, subsampling_factor=8)
+    merged = merge.merge_chunk_tokens(tokens, subsampling_factor=8)
     assert sp.decode_ids(merged) == rec["merged"]["text"]
     assert [t for h in hyps for t in h["y_sequence"]] == rec["merged"]["y_sequence"]
     if mode == "timestamps":
-        got = longform.merge_chunk_timestamps(
-            [h["timestamp"]["char"] for h in hyps], case["encoded_len"], merged, sp.decode_pieces
-        )
+        got = merge.merge_chunk_timestamps(
+            [tokens_of(h) for h in hyps], case["encoded_len"], merged, sp.decode_pieces
+        ).to_nemo()
         want = rec["merged"]["timestamp"]
         assert got == want
         for key in want:  # same key order too
@@ -123,74 +125,75 @@ def test_merge_inside_transcribe(run, sp):
     with_ts = bool(rec["timestamps"])
     chunks = rec["chunks"]
     tokens = [[c["token_id"] for c in h["timestamp"]["char"]] if with_ts else h["y_sequence"] for h in chunks]
-    merged = longform.merge_chunk_tokens(tokens, rec["subsampling_factor"])
+    merged = merge.merge_chunk_tokens(tokens, rec["subsampling_factor"])
     assert sp.decode_ids(merged) == rec["result"]["text"]
     assert [t for h in chunks for t in h["y_sequence"]] == rec["result"]["y_sequence"]
     timestamp = None
     if with_ts:
-        timestamp = longform.merge_chunk_timestamps(
-            [h["timestamp"]["char"] for h in chunks], rec["encoded_len"], merged, sp.decode_pieces,
+        timestamp = merge.merge_chunk_timestamps(
+            [tokens_of(h) for h in chunks], rec["encoded_len"], merged, sp.decode_pieces,
             rec["subsampling_factor"], rec["window_stride"])
-        assert timestamp == rec["result"]["timestamp"]
+        assert timestamp.to_nemo() == rec["result"]["timestamp"]
     # then merge_all_hypotheses with the file's single hour window
-    text, ts = longform.merge_hour_results([rec["result"]["text"]], [timestamp] if with_ts else None)
+    text, ts = merge.merge_hour_results([rec["result"]["text"]], [timestamp] if with_ts else None, [0.0])
     assert text == run["hyps"][0]["text"]
     if with_ts:
-        assert ts == run["hyps"][0]["timestamp"]
+        assert ts.to_nemo() == run["hyps"][0]["timestamp"]
+
+
+def tokens_of(hyp: dict) -> list[TimedToken]:
+    """A recorded chunk hypothesis' aligned tokens as records."""
+    return [TimedToken(**c) for c in hyp["timestamp"]["char"]]
 
 
 def test_words_and_segments_from_chars():
     def item(piece, text, s, e):
-        return {"char": text, "token_id": 0, "token": piece, "start_offset": s, "end_offset": e,
-                "start": s * 0.08, "end": e * 0.08}
+        return TimedToken(text, 0, piece, s, e, s * 0.08, e * 0.08)
 
     chars = [item("▁He", "He", 0, 1), item("y", "y", 1, 2), item(",", ",", 3, 3), item("▁", "", 4, 5),
              item("yo", "yo", 5, 6), item(".", ".", 6, 6), item("▁Ok", "Ok", 9, 10)]
-    words = longform.words_from_chars(chars, lambda p: "".join(p).replace("▁", " ").strip())
-    assert [(w["word"], w["start_offset"], w["end_offset"]) for w in words] == [
-        ("Hey,", 0, 3), ("yo.", 4, 6), ("Ok", 9, 10)]
-    segments = longform.segments_from_words(words)
-    assert [(s["segment"], s["start_offset"], s["end_offset"]) for s in segments] == [("Hey, yo.", 0, 6), ("Ok", 9, 10)]
+    words = merge.words_from_chars(chars, lambda p: "".join(p).replace("▁", " ").strip())
+    assert [(w.text, w.start_offset, w.end_offset) for w in words] == [("Hey,", 0, 3), ("yo.", 4, 6), ("Ok", 9, 10)]
+    segments = segments_from_words(words)
+    assert [(s.text, s.start_offset, s.end_offset) for s in segments] == [("Hey, yo.", 0, 6), ("Ok", 9, 10)]
 
 
 def test_join_chunk_chars_shift_and_clamp():
-    a = [{"char": "a", "token_id": 1, "token": "▁a", "start_offset": 480, "end_offset": 490}]
-    b = [{"char": "b", "token_id": 2, "token": "▁b", "start_offset": 0, "end_offset": 5},
-         {"char": "c", "token_id": 3, "token": "▁c", "start_offset": 10, "end_offset": 12}]
-    assert longform.chunk_frame_shifts([500, 475, 400]) == [0, 487, 949]
-    out = longform.join_chunk_chars([a, b], [500, 475], merged_tokens=[1, 2, 3])
-    assert [(c["start_offset"], c["end_offset"]) for c in out] == [(480, 490), (490, 490), (497, 499)]
-    assert out[2]["start"] == 497 * 0.01 * 8  # unrounded, as NeMo
+    a = [TimedToken("a", 1, "▁a", 480, 490, 38.4, 39.2)]
+    b = [TimedToken("b", 2, "▁b", 0, 5, 0.0, 0.4), TimedToken("c", 3, "▁c", 10, 12, 0.8, 0.96)]
+    assert merge.chunk_frame_shifts([500, 475, 400]) == [0, 487, 949]
+    out = merge.join_chunk_chars([a, b], [500, 475], merged_tokens=[1, 2, 3])
+    assert [(c.start_offset, c.end_offset) for c in out] == [(480, 490), (490, 490), (497, 499)]
+    assert out[2].start == 497 * 0.01 * 8  # unrounded, as NeMo
     # the greedy cursor drops tokens that are not next in the merged list
-    assert [c["token_id"] for c in longform.join_chunk_chars([a, b], [500, 475], [1, 3])] == [1, 3]
+    assert [c.token_id for c in merge.join_chunk_chars([a, b], [500, 475], [1, 3])] == [1, 3]
 
 
 def test_split_hours_and_hour_merge():
     sr, hour = 16000, 3600 * 16000
-    assert longform.split_hours(10 * sr) == [(0, 10 * sr)]
-    assert longform.split_hours(2 * hour + 5) == [(0, hour), (hour, 2 * hour), (2 * hour, 2 * hour + 5)]
-    assert longform.split_hours(2 * hour) == [(0, hour), (hour, 2 * hour)]
-    assert longform.split_hours(np.zeros(3)) == [(0, 3)]
-    assert longform.split_hours(0) == []
+    assert plan.split_hours(10 * sr) == [(0, 10 * sr)]
+    assert plan.split_hours(2 * hour + 5) == [(0, hour), (hour, 2 * hour), (2 * hour, 2 * hour + 5)]
+    assert plan.split_hours(2 * hour) == [(0, hour), (hour, 2 * hour)]
+    assert plan.split_hours(np.zeros(3)) == [(0, 3)]
+    assert plan.split_hours(0) == []
 
-    w = {"word": "hi", "start_offset": 1, "end_offset": 2, "start": 0.08, "end": 0.16}
-    unseen = {"word": "x", "start_offset": -1, "end_offset": -1, "start": -1, "end": -1}
-    text, ts = longform.merge_hour_results([" one ", "", "two"], [{"word": [w], "segment": []}, {},
-                                                                  {"word": [w, unseen], "segment": []}])
+    w = TimedWord("hi", 1, 2, 0.08, 0.16)
+    unseen = TimedWord("x", -1, -1, -1, -1)
+    text, ts = merge.merge_hour_results([" one ", "", "two"], [Timestamps([w], []), None, Timestamps([w, unseen], [])],
+                                        [0.0, 3600.0, 7200.0])
     assert text == "one two"
     # k*3600 s and k*45000 frames of 80 ms (NeMo shifts offsets by 450000 an hour, 10x too many)
-    assert ts["word"][1] == {"word": "hi", "start_offset": 90001, "end_offset": 90002, "start": 7200.08,
-                             "end": 7200.16}
-    assert ts["word"][2] == unseen and ts["word"][0] == w
-    assert longform.merge_hour_results(["a"], None) == ("a", None)
+    assert ts.words[1] == TimedWord("hi", 90001, 90002, 7200.08, 7200.16)
+    assert ts.words[2] == unseen and ts.words[0] == w
+    assert merge.merge_hour_results(["a"], None, [0.0]) == ("a", None)
 
 
 def test_pad_min_duration_matches_nemo_model_input():
     samples, sr = sf.read(str(AUDIO / "en_short.wav"), dtype="float32")
     assert len(samples) == 8000
     want = np.load(REF / "transcribe_arrays.npz")["en_short_bs1_greedy__model_input_audio"][0]
-    padded = longform.pad_min_duration(samples)
+    padded = pad_min_duration(samples)
     np.testing.assert_array_equal(padded, want)
-    assert torch.equal(longform.pad_min_duration(torch.ones(5), 10), torch.tensor([0.0, 0, 1, 1, 1, 1, 1, 0, 0, 0]))
+    assert torch.equal(pad_min_duration(torch.ones(5), 10), torch.tensor([0.0, 0, 1, 1, 1, 1, 1, 0, 0, 0]))
     long = np.ones(20000, dtype=np.float32)
-    assert longform.pad_min_duration(long) is long
+    assert pad_min_duration(long) is long

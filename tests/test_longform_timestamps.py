@@ -4,6 +4,9 @@ the aligner cannot align keeps its text (its words get no times, and the result 
 import pytest
 
 import serinus.transcribe as tr
+from serinus import align
+from serinus.pipeline.merge import times_for_words
+from serinus.timestamps import Timestamps, TimedWord
 from conftest import AUDIO, FIXTURES
 from serinus import CanaryModel
 
@@ -30,14 +33,15 @@ def test_v2_unaligned_chunk_keeps_its_text(monkeypatch):
     model = CanaryModel.from_pretrained(FIXTURES / "tiny_canary2_v2style.nemo")
     audio = [str(AUDIO / "en_long2.wav")]
     plain = model.transcribe(audio, batch_size=1, beam_size=1)[0]
-    original = tr.add_aligner_timestamps
+    original = align.align_texts
 
-    def skip_chunk_1(model, samples, hyps, timestamp_type=("word", "segment")):
-        original(model, samples, hyps, timestamp_type)
-        if timestamp_type == "char" and len(hyps) > 1:  # as if chunk 1 had more tokens than frames
-            hyps[1].timestamp = {"char": []}
+    def skip_chunk_1(model, samples, texts, timestamp_type="all"):
+        found = original(model, samples, texts, timestamp_type)
+        if timestamp_type == "char" and len(texts) > 1:  # as if chunk 1 had more tokens than frames
+            found[1] = Timestamps(tokens=[])
+        return found
 
-    monkeypatch.setattr(tr, "add_aligner_timestamps", skip_chunk_1)
+    monkeypatch.setattr(align, "align_texts", skip_chunk_1)
     hyp = model.transcribe(audio, batch_size=1, beam_size=1, timestamps=True)[0]
     assert hyp.text == plain.text  # NeMo would drop chunk 1's text here
     _check_words_agree(hyp)
@@ -45,11 +49,10 @@ def test_v2_unaligned_chunk_keeps_its_text(monkeypatch):
 
 
 def test_words_without_aligned_counterpart_get_no_times():
-    timed = [{"word": w, "start_offset": i, "end_offset": i + 1, "start": i * 0.08, "end": (i + 1) * 0.08}
-             for i, w in enumerate(["one", "two", "five", "six."])]
-    words = tr._times_for_words("one two three four five six.".split(), timed)
-    assert [w["word"] for w in words] == ["one", "two", "three", "four", "five", "six."]
-    assert [w["start_offset"] for w in words] == [0, 1, None, None, 2, 3]
+    timed = [TimedWord(w, i, i + 1, i * 0.08, (i + 1) * 0.08) for i, w in enumerate(["one", "two", "five", "six."])]
+    words = times_for_words("one two three four five six.".split(), timed)
+    assert [w.text for w in words] == ["one", "two", "three", "four", "five", "six."]
+    assert [w.start_offset for w in words] == [0, 1, None, None, 2, 3]
 
 
 def test_timestamps_refused_when_the_checkpoint_has_no_way(monkeypatch):

@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 import soundfile
 
-from serinus import longform
 from serinus import transcribe as tr
 from serinus.audio import load_audio
-from serinus.decoding import Hypothesis
 from serinus.model.canary import CanaryModel
+from serinus.pipeline import decode, inputs, merge, plan, results
+from serinus.pipeline.decode import DecodedRow, Transcript
+from serinus.timestamps import Timestamps, TimedWord
 
 from conftest import AUDIO, FIXTURES, REFERENCE
 
@@ -81,26 +82,25 @@ def words_between(spans, texts, a: int, b: int) -> list[tuple[str, str]]:
 
 
 class IdealDecoder:
-    """Stands in for decode_units: knows each file's layout, checks that every row it is given
-    holds exactly that stretch of the file, and returns the words heard in it."""
+    """Stands in for the model (decode.run_decoder): knows each file's layout, checks that every
+    row it is given holds exactly that stretch of the file, and returns the words heard in it."""
 
     def __init__(self, model, layouts, texts, audio):
         self.model, self.layouts, self.texts, self.audio = model, layouts, texts, audio
         self.batches = []
 
-    def __call__(self, model, units, decoding, encode_rows=None):
-        self.batches.append([(u.item, u.segment, u.chunk, u.start, len(u.samples)) for u in units])
-        hyps = []
-        for u in units:
-            spans = self.layouts[u.item]
-            first = u.segment * tr.HOUR_SECONDS * SR + u.start
-            np.testing.assert_array_equal(u.samples, self.audio[u.item][first : first + len(u.samples)])
-            u.encoded_len = len(u.samples) // 1280 + 1
+    def __call__(self, model, rows, decoding, encode_rows=None):
+        self.batches.append([(r.item, r.segment, r.chunk, r.start, len(r.samples)) for r in rows])
+        transcripts = []
+        for r in rows:
+            spans = self.layouts[r.item]
+            first = r.segment * plan.HOUR_SECONDS * SR + r.start
+            np.testing.assert_array_equal(r.samples, self.audio[r.item][first : first + len(r.samples)])
             ids = []
-            for word, lang in words_between(spans, self.texts, first, first + len(u.samples)):
+            for word, lang in words_between(spans, self.texts, first, first + len(r.samples)):
                 ids += self.model.tokenizer.text_to_ids(word, lang)
-            hyps.append(Hypothesis(text=self.model.tokenizer.ids_to_text(ids), y_sequence=ids))
-        return hyps
+            transcripts.append(Transcript(self.model.tokenizer.ids_to_text(ids), ids))
+        return transcripts, [len(r.samples) // 1280 + 1 for r in rows]
 
 
 def make_files(tmp_path, clips, seeds, seconds):
@@ -121,7 +121,7 @@ def seam_kinds(layouts, audios) -> tuple[int, int]:
     """How many chunk seams (overlap middles) fall inside a clip, and how many in a pause."""
     inside = pause = 0
     for spans, audio in zip(layouts, audios):
-        for start, _ in longform.chunk_spans(len(audio))[1:]:
+        for start, _ in plan.chunk_spans(len(audio))[1:]:
             mid = start + SR // 2
             if any(s <= mid < e for _, s, e in spans):
                 inside += 1
@@ -139,7 +139,7 @@ def test_merged_transcript_has_every_word_once(model, clips, tmp_path, monkeypat
     assert inside >= 10 and pause >= 3, (inside, pause)  # the layouts do test both kinds of seam
 
     fake = IdealDecoder(model, layouts, clips[1], audios)
-    monkeypatch.setattr(tr, "decode_units", fake)
+    monkeypatch.setattr(decode, "run_decoder", fake)
     hyps = tr.transcribe(model, [str(p) for p in paths], batch_size=batch_size)
 
     for hyp, spans, audio in zip(hyps, layouts, audios):
@@ -151,7 +151,7 @@ def test_merged_transcript_has_every_word_once(model, clips, tmp_path, monkeypat
     for path_index, audio in enumerate(audios):
         rows = [b for b in fake.batches if any(r[0] == path_index for r in b)]
         assert len(rows) == 1
-        assert [r[3:] for r in rows[0] if r[0] == path_index] == longform.chunk_spans(len(audio))
+        assert [r[3:] for r in rows[0] if r[0] == path_index] == plan.chunk_spans(len(audio))
     if batch_size == 1:
         assert len(fake.batches) == len(paths)
     else:
@@ -170,21 +170,21 @@ def test_nemo_merge_repeats_a_word_where_overlap_merge_does_not(model):
     second = de + tok.text_to_ids("Bonjour", "fr")
     want = "Das Wetter in Berlin ist heute sehr schön. El tren sale a las ocho de la mañana. " \
            "Das Wetter in Berlin ist heute sehr schön. Bonjour"
-    assert tok.ids_to_text(tr.merge_overlap(first, second)).strip() == want
-    nemo = tok.ids_to_text(longform.merge_chunk_tokens([first, second])).strip()
+    assert tok.ids_to_text(merge.merge_overlap(first, second)).strip() == want
+    nemo = tok.ids_to_text(merge.merge_chunk_tokens([first, second])).strip()
     assert nemo == want.replace("mañana. Das", "mañana. Das Das")
 
 
 def test_hour_segments_are_read_and_joined(model, clips, tmp_path, monkeypatch):
     """Past HOUR_SECONDS a file is processed one segment at a time (here 100 s stands in for the
     hour): each segment read on its own from the file, chunked, merged, then joined."""
-    monkeypatch.setattr(tr, "HOUR_SECONDS", 100)
+    monkeypatch.setattr(plan, "HOUR_SECONDS", 100)
     paths, layouts, audios = make_files(tmp_path, clips, [21, 22], [250, 75])
     fake = IdealDecoder(model, layouts, clips[1], audios)
-    monkeypatch.setattr(tr, "decode_units", fake)
+    monkeypatch.setattr(decode, "run_decoder", fake)
     reads = []
-    real_read = tr.read_span
-    monkeypatch.setattr(tr, "read_span", lambda item, a, b: reads.append((item.index, a, b)) or real_read(item, a, b))
+    real_read = inputs.read_span
+    monkeypatch.setattr(inputs, "read_span", lambda item, a, b: reads.append((item.index, a, b)) or real_read(item, a, b))
 
     hyps = tr.transcribe(model, [str(p) for p in paths], batch_size=4)
 
@@ -195,7 +195,7 @@ def test_hour_segments_are_read_and_joined(model, clips, tmp_path, monkeypatch):
     assert segments == {0, 1, 2}
     # a segment's words: those centred in it; the hour cut is a hard cut, as in NeMo
     expected = []
-    for k, (a, b) in enumerate(longform.split_hours(total, 100)):
+    for k, (a, b) in enumerate(plan.split_hours(total, 100)):
         expected += [w for w, _ in words_between(layouts[0], clips[1], a, b)]
     assert hyps[0].text.split() == expected
     assert hyps[1].text.split() == [w for w, _ in words_between(layouts[1], clips[1], 0, len(audios[1]))]
@@ -204,106 +204,45 @@ def test_hour_segments_are_read_and_joined(model, clips, tmp_path, monkeypatch):
 def test_two_hour_segments_are_not_read_ahead(model, tmp_path, monkeypatch):
     """A batch over PREFETCH_SECONDS (an hour segment) is read only after the previous one
     has been decoded and freed."""
-    monkeypatch.setattr(tr, "HOUR_SECONDS", 50)
-    monkeypatch.setattr(tr, "PREFETCH_SECONDS", 20)
+    monkeypatch.setattr(plan, "HOUR_SECONDS", 50)
+    monkeypatch.setattr(plan, "PREFETCH_SECONDS", 20)
     audio = np.full(130 * SR, 0.01, dtype=np.float32)
     path = tmp_path / "hum.wav"
     soundfile.write(path, audio, SR, subtype="FLOAT")
     order = []
-    real_read = tr.read_span
+    real_read = inputs.read_span
 
-    def decode(model, units, decoding, encode_rows=None):
-        order.append(("decode", units[0].segment))
-        return [Hypothesis(text="x", y_sequence=[]) for _ in units]
+    def run_decoder(model, rows, decoding, encode_rows=None):
+        order.append(("decode", rows[0].segment))
+        return [Transcript("x", []) for _ in rows], [len(r.samples) // 1280 + 1 for r in rows]
 
-    monkeypatch.setattr(tr, "read_span", lambda item, a, b: order.append(("read", a)) or real_read(item, a, b))
-    monkeypatch.setattr(tr, "decode_units", decode)
+    monkeypatch.setattr(inputs, "read_span", lambda item, a, b: order.append(("read", a)) or real_read(item, a, b))
+    monkeypatch.setattr(decode, "run_decoder", run_decoder)
     tr.transcribe(model, str(path), batch_size=2)
     assert order == [("read", 0), ("decode", 0), ("read", 800_000), ("decode", 1), ("read", 1_600_000), ("decode", 2)]
 
 
 def test_merge_overlap_cases():
     A = [1, 2, 3, 4, 5, 6]
-    assert tr.merge_overlap(A, [5, 6, 7, 8]) == [1, 2, 3, 4, 5, 6, 7, 8]  # overlap kept once
-    assert tr.merge_overlap(A, [7, 8]) == A + [7, 8]  # pause in the overlap: nothing in common
-    assert tr.merge_overlap(A + [99], [98, 5, 6, 7]) == [1, 2, 3, 4, 5, 6, 7]  # a cut word on each side
-    assert tr.merge_overlap([1, 2, 3, 9, 9, 9, 9, 9, 9], [2, 3, 10]) == [1, 2, 3, 9, 9, 9, 9, 9, 9, 2, 3, 10]  # far back: no
-    assert tr.merge_overlap([], [1, 2]) == [1, 2]
-    assert tr.merge_overlap([1, 2], []) == [1, 2]
+    assert merge.merge_overlap(A, [5, 6, 7, 8]) == [1, 2, 3, 4, 5, 6, 7, 8]  # overlap kept once
+    assert merge.merge_overlap(A, [7, 8]) == A + [7, 8]  # pause in the overlap: nothing in common
+    assert merge.merge_overlap(A + [99], [98, 5, 6, 7]) == [1, 2, 3, 4, 5, 6, 7]  # a cut word on each side
+    assert merge.merge_overlap([1, 2, 3, 9, 9, 9, 9, 9, 9], [2, 3, 10]) == [1, 2, 3, 9, 9, 9, 9, 9, 9, 2, 3, 10]  # far back: no
+    assert merge.merge_overlap([], [1, 2]) == [1, 2]
+    assert merge.merge_overlap([1, 2], []) == [1, 2]
 
 
 def test_real_model_long_files_batch_size_independent(model, clips, tmp_path):
     """The real model on long files with a short one between them: results in input order, and a
     file's result the same whatever batch it shares (batch_size 1 decodes each file alone)."""
     paths, _, _ = make_files(tmp_path, clips, [31, 32], [42, 50])
-    inputs = [str(paths[0]), str(AUDIO / "en_01.wav"), str(paths[1])]
-    alone = tr.transcribe(model, inputs, batch_size=1)
-    shared = tr.transcribe(model, inputs, batch_size=8)
+    files = [str(paths[0]), str(AUDIO / "en_01.wav"), str(paths[1])]
+    alone = tr.transcribe(model, files, batch_size=1)
+    shared = tr.transcribe(model, files, batch_size=8)
     assert [h.text for h in shared] == [h.text for h in alone]
     assert [h.y_sequence for h in shared] == [h.y_sequence for h in alone]
     assert alone[1].text.strip() == clips[1]["en_01"]
     assert all(h.error is None and h.text for h in alone)
-
-
-# -- the canary-1b-v2 style references: NeMo chunks these, and Serinus must chunk and merge alike
-
-
-def _v2_runs():
-    runs = json.loads((REFERENCE / "tiny_canary2_v2style" / "transcribe.json").read_text())["runs"]
-    return [r for r in runs if "chunking" in r["captured"]]
-
-
-@pytest.fixture(scope="module")
-def v2_model():
-    return CanaryModel.from_pretrained(FIXTURES / "tiny_canary2_v2style.nemo")
-
-
-@pytest.mark.parametrize("run", _v2_runs(), ids=lambda r: r["name"])
-def test_v2style_chunks_merges_and_timestamps_equal_nemo(v2_model, run, monkeypatch):
-    captured = run["captured"]
-    audio = run["audio"]
-    audio = [str(FIXTURES / a) for a in audio] if isinstance(audio, list) else str(FIXTURES / audio)
-    seen = []
-    real_decode = tr.decode_units
-
-    def spy(model, units, decoding, encode_rows=None):
-        hyps = real_decode(model, units, decoding, encode_rows)
-        seen.append((units, hyps))
-        return hyps
-
-    lcs_calls = []
-    real_lcs = longform.lcs_merge
-    monkeypatch.setattr(tr, "decode_units", spy)
-    monkeypatch.setattr(longform, "lcs_merge", lambda *a, **k: lcs_calls.append(a[:2]) or real_lcs(*a, **k))
-    batch_size = 4 if "bs4" in run["name"] else 2 if "bs2" in run["name"] else 1
-    beam = run["decoding"]["beam"]["beam_size"] if run["decoding"]["strategy"] == "beam" else 1
-    delta = run["decoding"]["beam" if beam > 1 else "greedy"]["max_generation_delta"]
-    hyps = tr.transcribe(v2_model, audio, batch_size=batch_size, beam_size=beam, max_generation_delta=delta, **run["kwargs"])
-
-    # every file cut where NeMo cut it, its rows decoded as NeMo's batches were
-    for chunking in captured["chunking"]:
-        spans = longform.chunk_spans(chunking["total_samples"])
-        assert [s for s, _ in spans] == chunking["chunk_start_samples"]
-        assert [n for _, n in spans] == chunking["chunk_valid_lens"]
-    # (NeMo decodes in input order, Serinus longest first: compare the batches as a set)
-    ours = sorted((tuple(len(u.samples) for u in units), tuple(u.encoded_len for u in units), tuple(units[0].prompt))
-                  for units, _ in seen)
-    nemo = sorted((tuple(f["audio_lens"]), tuple(f["encoded_lengths"]), tuple(f["decoder_input_ids"][0]))
-                  for f in captured["forward"])
-    assert ours == nemo
-    for merge in captured.get("merge_parallel_chunks", []):
-        chunk_hyps = next(h for u, h in seen if len(u) == len(merge["chunks"]))
-        assert [h.y_sequence for h in chunk_hyps] == [c["y_sequence"] for c in merge["chunks"]]
-        assert [h.text for h in chunk_hyps] == [c["text"] for c in merge["chunks"]]
-        if merge["timestamps"]:  # the chunks' token-level alignments the merge stitches together
-            assert [h.timestamp["char"] for h in chunk_hyps] == [c["timestamp"]["char"] for c in merge["chunks"]]
-    assert [list(b) for b, _ in lcs_calls] == [c["buffer"] for c in captured.get("lcs_merges", [])]
-    assert [list(d) for _, d in lcs_calls] == [c["data"] for c in captured.get("lcs_merges", [])]
-    for hyp, ref in zip(hyps, run["hyps"], strict=True):
-        assert hyp.text == ref["text"]
-        assert hyp.y_sequence == ref["y_sequence"]
-        assert hyp.score == pytest.approx(ref["score"], abs=1e-3)
-        assert hyp.timestamp == (ref["timestamp"] or {})
 
 
 def test_enable_chunking_false_decodes_whole(model):
@@ -316,8 +255,8 @@ def test_enable_chunking_false_decodes_whole(model):
 
 def test_translation_of_long_audio_is_chunked_and_merged(model, monkeypatch):
     seen = []
-    real_decode = tr.decode_units
-    monkeypatch.setattr(tr, "decode_units", lambda m, u, d, encode_rows=None: seen.append(u) or real_decode(m, u, d, encode_rows))
+    real_decode = decode.run_decoder
+    monkeypatch.setattr(decode, "run_decoder", lambda m, rows, d, encode_rows=None: seen.append(rows) or real_decode(m, rows, d, encode_rows))
     hyp = tr.transcribe(model, str(AUDIO / "en_long.wav"), source_lang="en", target_lang="de")[0]
     assert hyp.error is None and hyp.text
     assert len(seen[0]) == 2  # 77 s: two 40 s chunks
@@ -329,15 +268,14 @@ def test_frame_token_timestamps_are_merged_by_time(model):
     """Flash-style models write times into the text: chunks are joined at the overlap's middle,
     each word kept from the chunk on whose side of it its centre lies."""
 
-    def words(*items):
-        return [{"word": w, "start_offset": round(a / 0.08), "end_offset": round(b / 0.08), "start": a, "end": b}
-                for w, a, b in items]
+    def chunk(k, start, n, *items):
+        words = [TimedWord(w, round(a / 0.08), round(b / 0.08), a, b) for w, a, b in items]
+        return DecodedRow(plan.Row(0, k, np.zeros(n, np.float32), [], start=start),
+                          Transcript(" ".join(w.text for w in words), [], timestamps=Timestamps(words, [], [])), n // 1280)
 
-    first = Hypothesis(timestamp={"word": words(("one", 1.0, 1.5), ("two.", 38.2, 38.9), ("three", 39.2, 39.6))})
-    second = Hypothesis(timestamp={"word": words(("two.", 0.0, 0.4), ("three", 0.2, 0.6), ("four.", 2.0, 2.5))})
-    units = [tr.Unit(0, 0, np.zeros(640000, np.float32), [], start=0),
-             tr.Unit(0, 1, np.zeros(100000, np.float32), [], start=624000)]
-    hyp = tr.merge_chunks(model, tr.ChunkedPiece(units, [first, second]), "overlap", False, True)
+    first = chunk(0, 0, 640000, ("one", 1.0, 1.5), ("two.", 38.2, 38.9), ("three", 39.2, 39.6))
+    second = chunk(1, 624000, 100000, ("two.", 0.0, 0.4), ("three", 0.2, 0.6), ("four.", 2.0, 2.5))
+    hyp = results.to_hypothesis(merge.merge_piece(model, [first, second], "overlap", False, True), True)
     assert hyp.text == "one two. three four."
     assert [(w["word"], w["start"]) for w in hyp.timestamp["word"]] == [("one", 1.0), ("two.", 38.2), ("three", 39.2), ("four.", 41.0)]
     assert hyp.timestamp["word"][-1]["start_offset"] == 25 + 624000 // 1280

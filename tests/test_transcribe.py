@@ -1,7 +1,7 @@
-"""transcribe(): NeMo's reference runs, inputs (files, folders, globs, manifests, arrays), bad input."""
+"""transcribe(): inputs (files, folders, globs, manifests, arrays), bad input. (NeMo's reference
+runs are replayed in test_transcribe_parity.py.)"""
 
 import json
-import re
 import shutil
 
 import numpy as np
@@ -9,89 +9,23 @@ import pytest
 import soundfile
 import torch
 
-from conftest import AUDIO, FIXTURES, REFERENCE
+from conftest import AUDIO, FIXTURES
 from serinus import transcribe as tr
-from serinus.audio import load_audio
+from serinus.audio import load_audio, pad_min_duration
 from serinus.model.canary import CanaryModel
-
-MODELS = ["tiny_canary2", "tiny_canary2_unified", "tiny_canary2_v2style"]
-_models = {}
-
-
-def get_model(name):
-    if name not in _models:
-        _models[name] = CanaryModel.from_pretrained(FIXTURES / f"{name}.nemo")
-    return _models[name]
-
 
 @pytest.fixture(scope="module")
 def model():
-    return get_model("tiny_canary2")
-
-
-def decoding_kwargs(run) -> dict:
-    """NeMo's recorded decoding config -> our keyword arguments."""
-    d = run["decoding"]
-    if d["strategy"] == "greedy_batch":
-        return {"beam_size": 1, "max_generation_delta": d["greedy"]["max_generation_delta"]}
-    beam = d["beam"]
-    return {"beam_size": beam["beam_size"], "length_penalty": beam.get("length_penalty", 0.0) or 0.0,
-            "max_generation_delta": beam["max_generation_delta"],
-            "return_nbest": not beam.get("return_best_hypothesis", True)}
-
-
-def batch_size_of(run) -> int:
-    found = re.search(r"bs(\d+)", run["name"])
-    return int(found.group(1)) if found else 4
-
-
-def reference_runs():
-    """Every recorded run that needs no timestamps (those are the aligner's tests) and no array
-    input; the chunked v2-style runs are in test_longform_transcribe.py."""
-    out = []
-    for name in MODELS:
-        for run in json.loads((REFERENCE / name / "transcribe.json").read_text())["runs"]:
-            if run["kwargs"].get("timestamps") or not isinstance(run["audio"], (list, str)) \
-                    or str(run["audio"]).startswith("numpy") or "chunking" in run.get("captured", {}):
-                continue
-            marks = []
-            if "decodercontext" in run["kwargs"]:
-                marks.append(pytest.mark.xfail(strict=True, reason=(
-                    "NeMo 3.0.0 transcribe() drops the decodercontext keyword for path inputs "
-                    "(_may_be_make_dict_and_fix_paths copies only source_lang/target_lang/taskname/pnc/"
-                    "context/timestamp into the entries): its output equals the run without context")))
-            out.append(pytest.param(name, run, id=f"{name}:{run['name']}", marks=marks))
-    return out
-
-
-@pytest.mark.parametrize("name,run", reference_runs())
-def test_reference_runs(name, run):
-    """Where NeMo decodes whole files (no aligner, or several files in batches > 1), so do we
-    with enable_chunking=False; the v2-style one-file / batch-size-1 runs chunk (short files:
-    one chunk) exactly as NeMo does."""
-    model = get_model(name)
-    audio = run["audio"]
-    audio = [str(FIXTURES / a) for a in audio] if isinstance(audio, list) else str(FIXTURES / audio)
-    nemo_chunks = model.aligner is not None and (isinstance(audio, str) or len(audio) == 1 or batch_size_of(run) == 1)
-    kwargs = {**run["kwargs"], **decoding_kwargs(run)}
-    hyps = tr.transcribe(model, audio, batch_size=batch_size_of(run), enable_chunking=nemo_chunks, **kwargs)
-    assert len(hyps) == len(run["hyps"])
-    for hyp, ref in zip(hyps, run["hyps"]):
-        assert hyp.error is None
-        assert hyp.text == ref["text"]
-        assert hyp.y_sequence == ref["y_sequence"]
-        assert hyp.score == pytest.approx(ref["score"], abs=1e-3)
-        if "nbest" in ref:
-            assert [h.y_sequence for h in hyp.nbest] == [h["y_sequence"] for h in ref["nbest"]]
+    return CanaryModel.from_pretrained(FIXTURES / "tiny_canary2.nemo")
 
 
 def test_short_audio_is_padded_to_one_second_both_sides():
     samples = np.arange(1, 8001, dtype=np.float32)
-    padded = tr.pad_to_min_duration(samples)
+    padded = pad_min_duration(samples)
     assert len(padded) == 16000
     assert (padded[:4000] == 0).all() and (padded[12000:] == 0).all()
     np.testing.assert_array_equal(padded[4000:12000], samples)
-    assert tr.pad_to_min_duration(np.ones(16001, dtype=np.float32)).shape == (16001,)
+    assert pad_min_duration(np.ones(16001, dtype=np.float32)).shape == (16001,)
 
 
 def test_arrays_and_paths_mixed_come_back_in_input_order(model):

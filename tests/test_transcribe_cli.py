@@ -9,8 +9,9 @@ import sys
 import pytest
 
 from conftest import AUDIO, FIXTURES, REFERENCE
-from serinus import output
+from serinus import cli, output
 from serinus import transcribe as tr
+from serinus.pipeline import decode
 from serinus.decoding import Hypothesis
 from serinus.model.canary import CanaryModel
 from test_transcribe import write_bad_inputs
@@ -35,7 +36,7 @@ def reuse_model(model, monkeypatch):
 
 
 def run(capsys, *args):
-    code = tr.main([*map(str, args), "--quiet"] if "--progress" not in args else [*map(str, args)])
+    code = cli.transcribe_main([*map(str, args), "--quiet"] if "--progress" not in args else [*map(str, args)])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -126,7 +127,7 @@ def test_model_without_timestamps_is_a_clear_error(capsys, monkeypatch):
 def test_results_are_written_as_they_complete_and_resume_skips_them(capsys, tmp_path, monkeypatch):
     files = [AUDIO / f"{c}.wav" for c in ["en_01", "en_02", "en_03"]]
     out_path = tmp_path / "out.jsonl"
-    real = tr._run_batch
+    real = decode.decode_batch
     calls = []
 
     def interrupted(*args, **kwargs):  # the second batch is "interrupted"
@@ -135,18 +136,18 @@ def test_results_are_written_as_they_complete_and_resume_skips_them(capsys, tmp_
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(tr, "_run_batch", interrupted)
+    monkeypatch.setattr(decode, "decode_batch", interrupted)
     code, _, err = run(capsys, *files, "--model", TINY, "-o", out_path, "--batch-size", "1")
     assert code == 130 and "--resume" in err
     first = [json.loads(line)["audio_filepath"] for line in out_path.read_text().splitlines()]
     assert len(first) == 1  # the first batch's file was written before the interruption
     with open(out_path, "a") as f:
         f.write('{"audio_filepath": "half a li')  # a line cut off mid-write
-    monkeypatch.setattr(tr, "_run_batch", real)
+    monkeypatch.setattr(decode, "decode_batch", real)
 
     seen = []
-    monkeypatch.setattr(tr, "decode_pieces", lambda m, ready, *a: seen.extend(p.item.name for p, _ in ready)
-                        or real_decode_pieces(m, ready, *a))
+    monkeypatch.setattr(decode, "decode_batch", lambda m, ready, *a: seen.extend(p.item.name for p, _ in ready)
+                        or real(m, ready, *a))
     code, _, err = run(capsys, *files, "--model", TINY, "-o", out_path, "--resume", "--batch-size", "1")
     assert code == 0
     assert "1 already in" in err
@@ -157,9 +158,6 @@ def test_results_are_written_as_they_complete_and_resume_skips_them(capsys, tmp_
     seen.clear()
     code, _, err = run(capsys, *files, "--model", TINY, "-o", out_path, "--resume")
     assert code == 0 and seen == [] and "3 already in" in err
-
-
-real_decode_pieces = tr.decode_pieces
 
 
 def test_resume_txt_and_subtitles(capsys, tmp_path):
@@ -201,14 +199,14 @@ def test_bad_options(capsys):
     code, _, err = run(capsys, AUDIO / "en_01.wav", "--model", str(FIXTURES / "missing.nemo"))
     assert code == 2 and "cannot load model" in err and "missing.nemo" in err
     with pytest.raises(SystemExit) as e:
-        tr.main([str(AUDIO / "en_01.wav"), "--resume"])
+        cli.transcribe_main([str(AUDIO / "en_01.wav"), "--resume"])
     assert e.value.code == 2
     assert "--resume needs --output" in capsys.readouterr().err
 
 
 def test_help_lists_every_option(capsys):
     with pytest.raises(SystemExit) as e:
-        tr.main(["--help"])
+        cli.transcribe_main(["--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
     for option in ["--model", "--source-lang", "--target-lang", "--pnc", "--timestamps", "--slot", "--beam-size",
@@ -218,7 +216,7 @@ def test_help_lists_every_option(capsys):
 
 
 def test_progress_bar_on_stderr(capsys):
-    code = tr.main([str(AUDIO / "en_01.wav"), "--model", TINY])
+    code = cli.transcribe_main([str(AUDIO / "en_01.wav"), "--model", TINY])
     out, err = capsys.readouterr()
     assert code == 0 and "transcribing" in err and "RTF" in err and "transcribing" not in out
 

@@ -39,11 +39,12 @@ class ManifestError(ValueError):
 @dataclass
 class ManifestEntry:
     audio_filepath: str  # absolute path (relative ones are resolved against the manifest's folder)
-    duration: float
+    duration: float | None  # None only where it may be left out (require_duration=False)
     text: str | None = None
     offset: float = 0.0
     extra: dict = field(default_factory=dict)  # every other key, in file order: slots and metadata
     where: str = ""  # "manifest.jsonl:12", used in error messages downstream
+    line: dict | None = field(default=None, repr=False, compare=False)  # the JSON object as read
 
     @property
     def lang(self) -> str | None:
@@ -98,26 +99,29 @@ def parse_line(
     langs: Iterable[str] | None = None,
     require_text: bool = True,
     check_audio: bool = True,
+    require_duration: bool = True,
 ) -> ManifestEntry:
-    """Validate one manifest line and return its entry; raises `ManifestError` naming `where`."""
+    """Validate one manifest line and return its entry; raises `ManifestError` naming `where`.
+    (Transcription manifests may leave out `duration` and `text`: the audio says how long it is.)"""
     try:
         item = json.loads(line)
     except json.JSONDecodeError as e:
         raise ManifestError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(item, dict):
         raise ManifestError(f"{where}: expected a JSON object, got {type(item).__name__}")
-    required = ("audio_filepath", "duration") + (("text",) if require_text else ())
+    required = ("audio_filepath",) + (("duration",) if require_duration else ()) + (("text",) if require_text else ())
     missing = [k for k in required if k not in item]
     if missing:
         raise ManifestError(f"{where}: missing field(s) {', '.join(missing)}")
     audio = item["audio_filepath"]
     if not isinstance(audio, str) or not audio:
         raise ManifestError(f"{where}: audio_filepath must be a non-empty string, got {audio!r}")
-    duration = item["duration"]
-    if not _is_number(duration):
-        raise ManifestError(f"{where}: duration must be a number of seconds, got {duration!r}")
-    if duration <= 0:
-        raise ManifestError(f"{where}: duration must be positive, got {duration!r}")
+    duration = item.get("duration")
+    if duration is not None or require_duration:
+        if not _is_number(duration):
+            raise ManifestError(f"{where}: duration must be a number of seconds, got {duration!r}")
+        if duration <= 0:
+            raise ManifestError(f"{where}: duration must be positive, got {duration!r}")
     offset = item.get("offset", 0.0)
     if offset is None:
         offset = 0.0
@@ -138,7 +142,8 @@ def parse_line(
             if value is not None and value not in langs:
                 raise ManifestError(f"{where}: unknown language {key}={value!r} (known: {', '.join(sorted(langs))})")
     extra = {k: v for k, v in item.items() if k not in CORE_KEYS}
-    return ManifestEntry(str(path), float(duration), text, float(offset), extra, where)
+    return ManifestEntry(str(path), None if duration is None else float(duration), text, float(offset), extra, where,
+                         item)
 
 
 def iter_manifest(

@@ -1,0 +1,135 @@
+"""Decode: one batch of rows through the encoder and decoder, then each row's timestamps.
+
+All rows of a batch are encoded together (`batch_size` rows at a time) and decoded together,
+each with its own prompt. Timestamps come from frame tokens in the text (flash models), or from
+the packed CTC aligner (canary-1b-v2 style): the rows of a chunked piece aligned token by token
+together, the whole pieces of the batch word by word together, as NeMo aligns its batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from serinus.audio import collate_audio
+from serinus.decoding import DecodingConfig, beam_search, greedy_decode, max_new_tokens
+from serinus.pipeline.plan import Piece, Row
+from serinus.timestamps import Timestamps, frame_token_timestamps
+
+
+@dataclass
+class Transcript:
+    """A decoded text with its tokens and, when made, its timestamps: one row's, or a merged piece's."""
+
+    text: str
+    tokens: list[int]  # without prompt and EOS (NeMo's y_sequence)
+    score: float = 0.0
+    timestamps: Timestamps | None = None
+    nbest: list["Transcript"] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DecodedRow:
+    row: Row
+    transcript: Transcript
+    encoded_len: int  # encoder frames of the row (the aligned-chunk merge shifts by them)
+
+
+def decode_batch(model, loaded: list[tuple[Piece, list[Row]]], decoding: DecodingConfig, use_aligner: bool,
+                 encode_rows: int) -> list[list[DecodedRow]]:
+    """Decode the rows of a batch of pieces together; per piece, its decoded rows."""
+    rows = [r for _, piece_rows in loaded for r in piece_rows]
+    transcripts, encoded_lens = run_decoder(model, rows, decoding, encode_rows=encode_rows)
+    decoded = [DecodedRow(r, t, n) for r, t, n in zip(rows, transcripts, encoded_lens)]
+    out, at = [], 0
+    for piece, piece_rows in loaded:
+        out.append(decoded[at : at + len(piece_rows)])
+        at += len(piece_rows)
+    frame_seconds, window_stride = model.frame_seconds, model.cfg.features.window_stride
+    for (piece, _), piece_decoded in zip(loaded, out):
+        if piece.item.frame_tokens:
+            for t in (t for d in piece_decoded for t in (d.transcript, *d.transcript.nbest)):
+                t.text, t.timestamps = frame_token_timestamps(t.text, frame_seconds, window_stride)
+        elif use_aligner and len(piece_decoded) > 1:  # NeMo aligns chunks by token ('char'), then merges
+            _align(model, piece_decoded, "char")
+    if use_aligner:
+        _align(model, [d[0] for d in out if len(d) == 1], ["word", "segment"])
+    return out
+
+
+def _align(model, decoded: list[DecodedRow], timestamp_type) -> None:
+    if not decoded:
+        return
+    from serinus.align import align_texts
+
+    found = align_texts(model, [d.row.samples for d in decoded], [d.transcript.text for d in decoded], timestamp_type)
+    for d, timestamps in zip(decoded, found):
+        d.transcript.timestamps = timestamps
+
+
+@torch.inference_mode()
+def run_decoder(model, rows: list[Row], decoding: DecodingConfig,
+                encode_rows: int | None = None) -> tuple[list[Transcript], list[int]]:
+    """Encode one batch and decode every row with its own prompt: each row's transcript and its
+    encoder length. Rows whose prompts differ in length are decoded in separate groups (positions
+    must line up within a group).
+
+    The encoder runs over `encode_rows` rows at a time (all at once when None), every slice
+    padded to the batch's longest row, so a long file's many chunks do not need all their
+    features in memory at once; the decoder then sees all rows as one batch."""
+    n_rows = encode_rows or len(rows)
+    longest = max(len(r.samples) for r in rows)
+    joint = decoding.ctc_weight > 0 and getattr(model, "ctc_head", None) is not None
+    parts = []
+    for start in range(0, len(rows), n_rows):
+        audio, lengths = collate_audio([r.samples for r in rows[start : start + n_rows]], model.device, longest)
+        parts.append(model.encode_with_ctc(audio, lengths) if joint else model.encode(audio, lengths) + (None,))
+        del audio
+    states = torch.cat([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
+    mask = torch.cat([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
+    enc_lengths = torch.cat([p[2] for p in parts]) if len(parts) > 1 else parts[0][2]
+    ctc_log_probs = (torch.cat([p[3] for p in parts]) if len(parts) > 1 else parts[0][3]) if joint else None
+    del parts
+    tok = model.tokenizer
+    out: list[Transcript | None] = [None] * len(rows)
+    groups: dict[int, list[int]] = {}
+    for i, row in enumerate(rows):
+        groups.setdefault(len(row.prompt), []).append(i)
+    for prompt_len, group in groups.items():
+        index = torch.tensor(group, device=states.device)
+        prompts = torch.tensor([rows[i].prompt for i in group], device=states.device)
+        limits = max_new_tokens(enc_lengths[index], prompt_len, decoding, model.cfg.decoder.max_sequence_length)
+        if decoding.beam_size == 1:
+            outputs = greedy_decode(model.decoder, states[index], mask[index], prompts, limits, tok.eos_id,
+                                    tok.vocab_size)
+            for i, ids in zip(group, outputs):
+                out[i] = Transcript("", _strip_pad(ids, tok.pad_id))
+            candidates = [[out[i].tokens] for i in group]
+        else:
+            outputs = beam_search(model.decoder, states[index], mask[index], prompts, limits, tok.eos_id,
+                                  tok.pad_id, decoding.beam_size, decoding.length_penalty, tok.vocab_size)
+            for i, beams in zip(group, outputs):
+                best_ids, best_score = beams[0]
+                nbest = [Transcript("", ids, score) for ids, score in beams] if decoding.return_nbest else []
+                out[i] = Transcript("", best_ids, best_score, nbest=nbest)
+            candidates = [[ids for ids, _ in beams] for beams in outputs]
+        if joint:  # the CTC head's vote between the decoder's candidates and its own best path
+            from serinus.joint_decoding import rescore
+
+            picked = rescore(model.decoder, states[index], mask[index], ctc_log_probs[index], enc_lengths[index],
+                             [rows[i].prompt for i in group], candidates, decoding.ctc_weight, model.ctc_blank_id,
+                             tok.eos_id, tok.pad_id, frozenset(tok.special_tokens.values()), tok.vocab_size)
+            for i, (ids, score) in zip(group, picked):
+                out[i].tokens, out[i].score = ids, score
+    for t in out:
+        for one in (t, *t.nbest):
+            one.text = tok.ids_to_text(one.tokens)
+    return out, [int(n) for n in enc_lengths.tolist()]
+
+
+def _strip_pad(ids: list[int], pad_id: int) -> list[int]:
+    while ids and ids[-1] == pad_id:
+        ids = ids[:-1]
+    return ids
