@@ -290,6 +290,11 @@ class LogMel(nn.Module):
         fb = mel_filterbank(cfg.sample_rate, cfg.n_fft, cfg.n_mels, cfg.lowfreq, cfg.highfreq or None)
         return window.float().to(device), torch.from_numpy(fb).to(device)
 
+    def derived_buffers(self) -> dict[str, torch.Tensor]:
+        """The computed buffers (for a model built on the meta device and then loaded)."""
+        window, fb = self._make_buffers()
+        return {"window": window, "fb": fb}
+
     def _apply(self, fn, recurse=True):
         # Follow device moves, but stay float32 under model.half()/.to(bfloat16): features are
         # always computed in float32 (as NeMo does), and a half-precision filterbank costs ~0.1.
