@@ -284,7 +284,7 @@ def load_nemo(path: str | os.PathLike, device="cpu", dtype: str = "float32"):
     from serinus.tokenizer import load_tokenizer, nemo_resolver
 
     path = Path(path)
-    check_dtype(dtype)
+    check_dtype(dtype, device)
     with tempfile.TemporaryDirectory(prefix="serinus-nemo-") as tmp:
         root, names = _extract_small_members(path, tmp)
         cfg = yaml.safe_load((root / CONFIG_FILE).read_text())
@@ -358,7 +358,7 @@ def load_own(path: str | os.PathLike, device="cpu", dtype: str = "float32"):
     from serinus.precision import check_dtype
     from serinus.tokenizer import load_tokenizer
 
-    check_dtype(dtype)
+    check_dtype(dtype, device)
     root = Path(path)
     config = _read_own_config(root)
     if config.get("model_type", "aed") != "aed":
