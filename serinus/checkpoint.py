@@ -246,7 +246,7 @@ def load_state(module, state: dict, where: str, assign: bool = False) -> None:
 
 def build_loaded(make, state: dict, where: str, dtype: str = "float32"):
     """`make()` built on the meta device, then given `state` as its weights (assign: no copy, no random
-    init); the derived buffers (filterbank, position tables) are then computed on the CPU; then `dtype`."""
+    init; the derived buffers, filterbank and position tables, are made on the CPU even there); then `dtype`."""
     import torch
 
     from serinus.precision import set_dtype
@@ -255,10 +255,9 @@ def build_loaded(make, state: dict, where: str, dtype: str = "float32"):
         model = make()
     load_state(model, state, where, assign=True)
     del state
-    for module in model.modules():
-        if any(b.is_meta for b in module.buffers(recurse=False)):
-            for name, value in module.derived_buffers().items():
-                setattr(module, name, value)
+    left = [name for name, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise CheckpointError(f"{where}: {', '.join(left[:5])} neither loaded nor computed")
     return set_dtype(model.eval(), dtype)
 
 

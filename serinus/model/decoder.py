@@ -55,11 +55,12 @@ class DecoderConfig:
 
 
 def sinusoidal_positions(max_len: int, hidden: int) -> Tensor:
-    """NeMo's FixedPositionalEncoding table [max_len, hidden], already divided by sqrt(hidden)."""
-    position = torch.arange(0.0, max_len).unsqueeze(1)
+    """NeMo's FixedPositionalEncoding table [max_len, hidden], already divided by sqrt(hidden). Made on
+    the CPU even in a model built on the meta device (loading), where it is not loaded."""
+    position = torch.arange(0.0, max_len, device="cpu").unsqueeze(1)
     coef = -math.log(10000.0) / hidden
-    div_term = torch.exp(coef * torch.arange(0.0, hidden, 2))
-    pe = torch.zeros(max_len, hidden)
+    div_term = torch.exp(coef * torch.arange(0.0, hidden, 2, device="cpu"))
+    pe = torch.zeros(max_len, hidden, device="cpu")
     pe[:, 0::2] = torch.sin(position * div_term)
     pe[:, 1::2] = torch.cos(position * div_term)
     return pe / math.sqrt(hidden)
@@ -151,7 +152,13 @@ class TransformerDecoder(nn.Module):
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
         self.cfg = cfg
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # Built on the meta device to be loaded, it skips random init (torch's normal_ on meta is slow:
+        # it imports torch._dynamo); built for real, it draws the same random numbers as nn.Embedding.
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+                                            _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
+        loading = self.token_embedding.weight.is_meta
+        if not loading:
+            nn.init.normal_(self.token_embedding.weight)
         self.register_buffer(
             "positions", sinusoidal_positions(cfg.max_sequence_length, cfg.hidden_size), persistent=False
         )
@@ -162,11 +169,8 @@ class TransformerDecoder(nn.Module):
         self.head_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
         self.quantized_head = None  # int8 mode: a quantised copy of the head (serinus.precision)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.reset_parameters()
-
-    def derived_buffers(self) -> dict[str, Tensor]:
-        """The computed buffers (for a model built on the meta device and then loaded)."""
-        return {"positions": sinusoidal_positions(self.cfg.max_sequence_length, self.cfg.hidden_size)}
+        if not loading:
+            self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """NeMo's transformer init: N(0, 0.02) weights, zero biases. (torch's default N(0, 1)
