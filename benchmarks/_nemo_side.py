@@ -74,10 +74,12 @@ def time_run(model_path, spec):
     t = time.perf_counter()
     model = EncDecMultiTaskModel.restore_from(model_path, map_location="cpu").eval()
     t_load = time.perf_counter() - t
-    decoding = model.cfg.decoding
-    decoding.strategy = "greedy"
+    from nemo.collections.asr.parts.submodules.multitask_decoding import MultiTaskDecodingConfig
+    from omegaconf import OmegaConf
+
+    decoding = OmegaConf.structured(MultiTaskDecodingConfig(strategy="greedy"))
     decoding.greedy.max_generation_delta = spec["max_generation_delta"]
-    model.change_decoding_strategy(decoding, verbose=False)
+    model.change_decoding_strategy(decoding)
     out = {"import_s": t_import, "load_s": t_load}
     task = spec["task"]
     if task == "encoder":  # features + encoder on a padded batch
