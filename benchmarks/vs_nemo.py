@@ -1,12 +1,12 @@
 """Serinus against NeMo on a CPU, side by side: one table. Run by hand, never in the test suite.
 
-    python benchmarks/vs_nemo.py [--threads 2] [--nemo-python /work/nemo_venv/bin/python] [--dtypes float32,bfloat16,int8]
+    flock /tmp/serinus-cpu.lock python benchmarks/vs_nemo.py [--threads 2] [--nemo-python PATH] [--dtypes ...]
 
 The model is the canary-180m-flash architecture (17-layer FastConformer d512, 4-layer decoder d1024,
 tokenizer 1152 special + 4 x 1024 BPE) with random weights, built once by NeMo itself
 (benchmarks/_nemo_side.py build) and cached under runs/vs_nemo/. NeMo runs in its own virtual
 environment (`pip install torch==2.13.0 "nemo_toolkit[asr]==3.0.0"`; never a Serinus dependency).
-Every measurement is a fresh process per side, holding the shared CPU lock (/tmp/serinus-cpu.lock),
+Every measurement is a fresh process per side (run the whole script under the shared CPU lock),
 on the same audio with the same greedy settings (max_generation_delta 0: random weights never emit
 EOS, so each item decodes to its length limit) and threads. Beside each figure is the floor this
 machine allows, from its own measured memory bandwidth and GEMM rate.
@@ -30,7 +30,6 @@ SHARED = Path(os.environ.get("SERINUS_SHARED", REPO.parent / "shared"))
 AUDIO = SHARED / "fixtures" / "nemo" / "audio"
 CACHE = REPO / "runs" / "vs_nemo"
 MODEL = CACHE / "canary-180m-flash-random.nemo"
-LOCK = "/tmp/serinus-cpu.lock"
 
 
 # -- Serinus's side (this file, run with --serinus-side in a fresh process) --------------------
@@ -109,7 +108,7 @@ def run_side(cmd: list[str], spec: dict, env: dict) -> dict:
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(spec, f)
     try:
-        proc = subprocess.run(["flock", LOCK] + cmd + [f.name], capture_output=True, text=True, env=env)
+        proc = subprocess.run(cmd + [f.name], capture_output=True, text=True, env=env)
     finally:
         os.unlink(f.name)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -123,7 +122,7 @@ def build_model(nemo_python: str, env: dict) -> None:
         return
     CACHE.mkdir(parents=True, exist_ok=True)
     print(f"building {MODEL} with NeMo (once) ...", file=sys.stderr)
-    proc = subprocess.run(["flock", LOCK, nemo_python, str(REPO / "benchmarks" / "_nemo_side.py"), "build", str(MODEL),
+    proc = subprocess.run([nemo_python, str(REPO / "benchmarks" / "_nemo_side.py"), "build", str(MODEL),
                            str(CACHE / "build")], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"vs_nemo: building the model with NeMo failed:\n{proc.stderr[-3000:]}")
@@ -184,11 +183,11 @@ def main(argv=None) -> int:
             spec = {**task, "threads": args.threads, "max_generation_delta": 0, "model": str(MODEL), "dtype": side}
             print(f"{side:>9} {name} ...", file=sys.stderr, flush=True)
             results[(side, name)] = run_side(cmd, spec, env)
-    with_lock = subprocess.run(["flock", LOCK, sys.executable, "-c",
+    measured = subprocess.run([sys.executable, "-c",
                                 "import json,sys; sys.path.insert(0, %r); from benchmarks.vs_nemo import machine_floors; "
                                 "print(json.dumps(machine_floors(%d)))" % (str(REPO), args.threads)],
                                capture_output=True, text=True, env=env)
-    floors = json.loads(with_lock.stdout.strip().splitlines()[-1])
+    floors = json.loads(measured.stdout.strip().splitlines()[-1])
     if args.json:
         Path(args.json).write_text(json.dumps({"floors": floors, "runs": {f"{s}:{n}": r for (s, n), r in results.items()}}))
     print(render(results, floors, short, long, [s for s in sides if s != "nemo"], args.threads))

@@ -336,6 +336,11 @@ def save_model(model, out_dir: str | os.PathLike) -> Path:
 
     from safetensors.torch import save_file
 
+    from serinus.precision import model_dtype
+
+    if model_dtype(model) == "int8":
+        raise CheckpointError("save_model: an int8 (quantised) model is not saved; save the float32 model and "
+                              "load it with dtype='int8'")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer_cfg = model.tokenizer.save(out / "tokenizer")

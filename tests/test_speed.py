@@ -118,3 +118,13 @@ def test_greedy_generates_up_to_the_limit(model):
     prompt = torch.tensor([[model.tokenizer.token_to_id("<|startoftranscript|>")]])
     ids = greedy_decode(model.decoder, states, mask, prompt, [7], eos_id=-1)[0]  # no EOS: runs to the limit
     assert len(ids) == 7
+
+
+def test_an_int8_model_is_not_saved(tmp_path):
+    from serinus.checkpoint import CheckpointError
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = CanaryModel.from_pretrained(FIXTURES / "tiny_canary2.nemo", dtype="int8")
+    with pytest.raises(CheckpointError, match="int8"):
+        m.save_pretrained(tmp_path / "out")
