@@ -312,7 +312,8 @@ class LogMel(nn.Module):
         cfg = self.config
         window_fn = _WINDOWS[cfg.window]
         # NeMo uses the symmetric (periodic=False) window of win_length; stft centres it in n_fft.
-        window = window_fn(cfg.win_length, periodic=False) if window_fn else torch.ones(cfg.win_length)
+        # on the CPU even in a model built on the meta device (loading), where they are not loaded
+        window = window_fn(cfg.win_length, periodic=False, device="cpu") if window_fn else torch.ones(cfg.win_length, device="cpu")
         fb = mel_filterbank(cfg.sample_rate, cfg.n_fft, cfg.n_mels, cfg.lowfreq, cfg.highfreq or None)
         return window.float().to(device), torch.from_numpy(fb).to(device)
 

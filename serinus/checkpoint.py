@@ -9,6 +9,10 @@ A `.nemo` file is a tar archive (optionally gzipped) holding `model_config.yaml`
 as `nemo:<member name>`. Loading is safe by construction: only regular files and folders
 are extracted, never to a path outside the extraction folder, and weights are read with
 `torch.load(weights_only=True)`, so no pickled code ever runs.
+
+Loading is lean: the weights are read straight from the archive (never copied to disk), into a
+model built on the meta device (no memory, no random init) with `load_state_dict(assign=True)`,
+so they are in memory once; `dtype` then converts (bfloat16) or quantises (int8) them.
 """
 
 from __future__ import annotations
@@ -39,10 +43,11 @@ def _safe_member_path(archive: Path, member: tarfile.TarInfo) -> PurePosixPath:
     return name
 
 
-def extract_nemo(path: str | os.PathLike, dest: str | os.PathLike) -> Path:
+def extract_nemo(path: str | os.PathLike, dest: str | os.PathLike, skip: tuple[str, ...] = ()) -> Path:
     """Extract a `.nemo` archive into `dest` after checking every member; returns `dest`.
 
     Every member is validated before anything is written, so a bad archive writes nothing.
+    Members named in `skip` (e.g. the weights, read with `read_archive_weights`) are checked, not written.
     """
     path, dest = Path(path), Path(dest)
     if not path.is_file():
@@ -62,6 +67,8 @@ def extract_nemo(path: str | os.PathLike, dest: str | os.PathLike) -> Path:
                 raise CheckpointError(f"{path}: refusing archive member {member.name!r}: path leaves the archive")
             if member.isdir():
                 target.mkdir(parents=True, exist_ok=True)
+                continue
+            if str(name) in skip:
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
             src = tar.extractfile(member)
@@ -132,26 +139,55 @@ def rename(name: str, to_nemo: bool = False) -> str:
     return name
 
 
-def read_weights(path: Path) -> dict:
-    """torch.load with weights_only=True: tensors and plain containers only, never pickled code."""
+def read_weights(path, where: str | None = None) -> dict:
+    """torch.load with weights_only=True: tensors and plain containers only, never pickled code.
+    `path`: a file path (memory-mapped) or an open binary file; `where` names it in errors."""
     import pickle
 
     import torch
 
+    import zipfile
+
+    where = where or Path(path).name
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(path, (str, os.PathLike)) and zipfile.is_zipfile(path):  # memory-mapped, read on use
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
-            f"{path.name}: refusing to load weights that carry pickled objects other than tensors "
+            f"{where}: refusing to load weights that carry pickled objects other than tensors "
             f"(weights_only=True): {str(e).splitlines()[0]}"
         ) from e
     except Exception as e:  # truncated or not a torch file
-        raise CheckpointError(f"{path.name}: not a readable torch weights file: {e}") from e
+        raise CheckpointError(f"{where}: not a readable torch weights file: {e}") from e
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise CheckpointError(f"{path.name}: expected a state dict, found {type(state).__name__}")
+        raise CheckpointError(f"{where}: expected a state dict, found {type(state).__name__}")
     return state
+
+
+def read_archive_weights(path: Path, name: str) -> dict:
+    """The weights member `name` of a .nemo, read straight from the archive, tensor by tensor (no
+    copy on disk, one copy in memory). A gzipped archive cannot be read in place and is buffered."""
+    import io
+
+    try:
+        tar = tarfile.open(path, mode="r:")
+    except tarfile.ReadError:  # compressed: decompress the member once into memory
+        tar = tarfile.open(path, mode="r:*")
+        with tar:
+            return read_weights(io.BytesIO(_archive_member(tar, path, name).read()), name)
+    with tar:
+        return read_weights(_archive_member(tar, path, name), name)
+
+
+def _archive_member(tar: tarfile.TarFile, path: Path, name: str):
+    for member in tar.getmembers():
+        if member.isfile() and str(_safe_member_path(path, member)) == name:
+            return tar.extractfile(member)
+    raise CheckpointError(f"{path}: no {name} in the archive")
 
 
 def nemo_to_serinus_state_dict(state: dict) -> dict:
@@ -173,8 +209,9 @@ def ctc_to_serinus_state_dict(state: dict) -> dict:
     return out
 
 
-def load_state(module, state: dict, where: str) -> None:
-    """load_state_dict(strict) with an error naming every missing or unexpected key."""
+def load_state(module, state: dict, where: str, assign: bool = False) -> None:
+    """load_state_dict(strict) with an error naming every missing or unexpected key. `assign`: the
+    module takes the given tensors as its own (no copy; for a module built on the meta device)."""
     import torch
 
     expected = module.state_dict()
@@ -192,11 +229,49 @@ def load_state(module, state: dict, where: str) -> None:
             raise CheckpointError(
                 f"{where}: weight {key} has shape {tuple(value.shape)}, the config implies {tuple(expected[key].shape)}"
             )
-    with torch.no_grad():
-        module.load_state_dict(state, strict=True)
+    if not assign:
+        with torch.no_grad():
+            module.load_state_dict(state, strict=True)
+        return
+    shared = {}  # parameters one module object shares between names (e.g. untied=False position biases)
+    for name, param in module.named_parameters(remove_duplicate=False):
+        shared.setdefault(id(param), []).append(name)
+    module.load_state_dict(state, strict=True, assign=True)
+    for names in shared.values():
+        first = module.get_parameter(names[0])
+        for name in names[1:]:
+            owner, _, attr = name.rpartition(".")
+            setattr(module.get_submodule(owner), attr, first)
 
 
-def load_nemo(path: str | os.PathLike, device="cpu"):
+def build_loaded(make, state: dict, where: str, dtype: str = "float32"):
+    """`make()` built on the meta device, then given `state` as its weights (assign: no copy, no random
+    init; the derived buffers, filterbank and position tables, are made on the CPU even there); then `dtype`."""
+    import torch
+
+    from serinus.precision import set_dtype
+
+    with torch.device("meta"):
+        model = make()
+    load_state(model, state, where, assign=True)
+    del state
+    left = [name for name, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise CheckpointError(f"{where}: {', '.join(left[:5])} neither loaded nor computed")
+    return set_dtype(model.eval(), dtype)
+
+
+def _extract_small_members(path: Path, dest: str) -> tuple[Path, set[str]]:
+    """Extract the config and tokenizer files (not the weights); returns the folder and every member name."""
+    root = extract_nemo(path, dest, skip=(WEIGHTS_FILE, ALIGNER_WEIGHTS_FILE))
+    with tarfile.open(path, mode="r:*") as tar:
+        names = {str(PurePosixPath(m.name)) for m in tar.getmembers() if m.isfile()}
+    if CONFIG_FILE not in names or WEIGHTS_FILE not in names:
+        raise CheckpointError(f"{path}: not a NeMo model archive (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+    return root, names
+
+
+def load_nemo(path: str | os.PathLike, device="cpu", dtype: str = "float32"):
     """Load a NeMo `.nemo` Canary checkpoint (and its packed CTC aligner, if any)."""
     import tempfile
 
@@ -204,18 +279,17 @@ def load_nemo(path: str | os.PathLike, device="cpu"):
 
     from serinus.model.canary import CanaryConfig, CanaryModel
     from serinus.model.ctc import CTCConfig
+    from serinus.precision import check_dtype
     from serinus.tokenizer import load_tokenizer, nemo_resolver
 
     path = Path(path)
+    check_dtype(dtype, device)
     with tempfile.TemporaryDirectory(prefix="serinus-nemo-") as tmp:
-        root = extract_nemo(path, tmp)
-        if not (root / CONFIG_FILE).is_file() or not (root / WEIGHTS_FILE).is_file():
-            raise CheckpointError(f"{path}: not a NeMo model archive (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+        root, names = _extract_small_members(path, tmp)
         cfg = yaml.safe_load((root / CONFIG_FILE).read_text())
         target = str(cfg.get("target", ""))
         if target and not target.endswith("EncDecMultiTaskModel"):
             raise CheckpointError(f"{path}: model class {target} is not a Canary (EncDecMultiTaskModel) model")
-        weights = read_weights(root / WEIGHTS_FILE)
         try:
             tokenizer = load_tokenizer(cfg["tokenizer"], nemo_resolver(root))
         except (KeyError, ValueError, OSError) as e:
@@ -224,7 +298,7 @@ def load_nemo(path: str | os.PathLike, device="cpu"):
             config = CanaryConfig.from_nemo(cfg, tokenizer.vocab_size)
         except (KeyError, ValueError) as e:
             raise CheckpointError(f"{path}: unsupported model config: {e}") from e
-        has_aligner = (root / ALIGNER_CONFIG_FILE).is_file() and (root / ALIGNER_WEIGHTS_FILE).is_file()
+        has_aligner = ALIGNER_CONFIG_FILE in names and ALIGNER_WEIGHTS_FILE in names
         aligner_tokenizer = None
         if has_aligner and cfg.get("restore_timestamps_model", True):
             aligner_cfg = yaml.safe_load((root / ALIGNER_CONFIG_FILE).read_text())
@@ -233,16 +307,12 @@ def load_nemo(path: str | os.PathLike, device="cpu"):
                 aligner_tokenizer = load_tokenizer(aligner_cfg["tokenizer"], nemo_resolver(root))
             except (KeyError, ValueError, OSError) as e:
                 raise CheckpointError(f"{path}: cannot load the packed CTC aligner ({ALIGNER_CONFIG_FILE}): {e}") from e
-        model = CanaryModel(config, tokenizer, aligner_tokenizer)
-        load_state(model, _with_aligner(model, root, nemo_to_serinus_state_dict(weights)), str(path))
-    return model.to(device).eval()
-
-
-def _with_aligner(model, root: Path, state: dict) -> dict:
-    if model.aligner is None:
-        return state
-    aligner_state = ctc_to_serinus_state_dict(read_weights(root / ALIGNER_WEIGHTS_FILE))
-    return {**state, **{f"aligner.{k}": v for k, v in aligner_state.items()}}
+    state = nemo_to_serinus_state_dict(read_archive_weights(path, WEIGHTS_FILE))
+    if config.aligner is not None:
+        aligner_state = ctc_to_serinus_state_dict(read_archive_weights(path, ALIGNER_WEIGHTS_FILE))
+        state.update({f"aligner.{k}": v for k, v in aligner_state.items()})
+    model = build_loaded(lambda: CanaryModel(config, tokenizer, aligner_tokenizer), state, str(path), dtype)
+    return model.to(device)
 
 
 # -- our own format ---------------------------------------------------------------------------
@@ -266,6 +336,11 @@ def save_model(model, out_dir: str | os.PathLike) -> Path:
 
     from safetensors.torch import save_file
 
+    from serinus.precision import model_dtype
+
+    if model_dtype(model) == "int8":
+        raise CheckpointError("save_model: an int8 (quantised) model is not saved; save the float32 model and "
+                              "load it with dtype='int8'")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer_cfg = model.tokenizer.save(out / "tokenizer")
@@ -280,12 +355,14 @@ def save_model(model, out_dir: str | os.PathLike) -> Path:
     return out
 
 
-def load_own(path: str | os.PathLike, device="cpu"):
+def load_own(path: str | os.PathLike, device="cpu", dtype: str = "float32"):
     from safetensors.torch import load_file
 
     from serinus.model.canary import CanaryConfig, CanaryModel
+    from serinus.precision import check_dtype
     from serinus.tokenizer import load_tokenizer
 
+    check_dtype(dtype, device)
     root = Path(path)
     config = _read_own_config(root)
     if config.get("model_type", "aed") != "aed":
@@ -295,9 +372,10 @@ def load_own(path: str | os.PathLike, device="cpu"):
     aligner_tokenizer = None
     if "aligner_tokenizer" in config:
         aligner_tokenizer = load_tokenizer(config["aligner_tokenizer"], lambda p: root / "aligner_tokenizer" / p)
-    model = CanaryModel(CanaryConfig.from_dict(config["model"]), tokenizer, aligner_tokenizer)
-    load_state(model, load_file(str(root / OWN_WEIGHTS)), str(root))
-    return model.to(device).eval()
+    cfg = CanaryConfig.from_dict(config["model"])
+    model = build_loaded(lambda: CanaryModel(cfg, tokenizer, aligner_tokenizer), load_file(str(root / OWN_WEIGHTS)),
+                         str(root), dtype)
+    return model.to(device)
 
 
 # -- resolving what the user named ------------------------------------------------------------
@@ -347,10 +425,11 @@ def _resolve(path_or_id: str | os.PathLike) -> tuple[str, Path]:
     raise CheckpointError(f"{name}: no such checkpoint file or folder, and not a Hub id such as {KNOWN_HUB_MODELS[0]}")
 
 
-def load_model(path_or_id: str | os.PathLike, device="cpu"):
-    """A `.nemo` file, a Serinus folder (config.json + model.safetensors), or a Hub id."""
+def load_model(path_or_id: str | os.PathLike, device="cpu", dtype: str = "float32"):
+    """A `.nemo` file, a Serinus folder (config.json + model.safetensors), or a Hub id. `dtype`:
+    "float32", "bfloat16" (weights and compute) or "int8" (dynamically quantised Linear layers)."""
     kind, path = _resolve(path_or_id)
-    return load_own(path, device) if kind == "own" else load_nemo(path, device)
+    return load_own(path, device, dtype) if kind == "own" else load_nemo(path, device, dtype)
 
 
 # -- CTC models -------------------------------------------------------------------------------

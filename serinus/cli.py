@@ -108,8 +108,9 @@ def build_transcribe_parser() -> argparse.ArgumentParser:
                    help="how chunks are joined: nemo = NeMo's LCS merge exactly, overlap = Serinus' merge that keeps "
                         "every word once, auto = nemo for canary-1b-v2 style checkpoints, else overlap")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                   help="weights and compute precision (default: %(default)s)")
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "int8", "float16"], default="float32",
+                   help="precision: bfloat16 = weights and compute (GPU, or a CPU with AVX-512 BF16/AMX), int8 = "
+                        "dynamically quantised Linear layers (CPU) (default: %(default)s)")
     g = p.add_argument_group("output")
     g.add_argument("-o", "--output", help="output file (folder for srt/vtt with several inputs); default: stdout")
     g.add_argument("-f", "--format", choices=["txt", "jsonl", "srt", "vtt"], default=None,
@@ -160,9 +161,9 @@ def transcribe_main(argv: list[str] | None = None) -> int:
         from serinus.checkpoint import load_model
 
         device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-        model = load_model(args.model, device=device)
-        if args.dtype != "float32":
-            model = model.to(getattr(torch, args.dtype))
+        model = load_model(args.model, device=device, dtype=args.dtype if args.dtype != "float16" else "float32")
+        if args.dtype == "float16":
+            model = model.to(torch.float16)
     except Exception as e:  # CheckpointError, a bad --device, ...
         print(f"serinus transcribe: error: cannot load model {args.model!r}: {e}", file=sys.stderr)
         writer.close()

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from serinus.model.decoder import TransformerDecoder, additive_mask
+from serinus.model.decoder import KVCache, TransformerDecoder, additive_mask
 
 
 @dataclass
@@ -68,9 +68,12 @@ def max_new_tokens(encoder_lengths: Tensor, prompt_len: int, cfg: DecodingConfig
 
 
 def _select(state: list, index: Tensor) -> list:
-    """Keep rows `index` of every tensor in a nested list/dict structure of per-layer states."""
+    """Keep rows `index` of every tensor and cache in a nested list/dict structure of per-layer states."""
     if isinstance(state, Tensor):
         return state.index_select(0, index)
+    if isinstance(state, KVCache):
+        state.select(index)
+        return state
     if isinstance(state, dict):
         return {k: _select(v, index) for k, v in state.items()}
     return type(state)(_select(s, index) for s in state)
@@ -92,7 +95,7 @@ def greedy_decode(
     batch, prompt_len = prompts.shape
     cross_kv = decoder.cross_kv(encoder_states)
     cross_mask = additive_mask(encoder_mask[:, None, None, :], encoder_states.dtype)
-    caches = [{} for _ in decoder.blocks]
+    caches = decoder.new_caches(prompt_len + max(limits, default=0))
     results: list[list[int]] = [[] for _ in range(batch)]
     active = torch.arange(batch, device=prompts.device)  # original index of each row still decoding
     limits_t = torch.tensor(limits, device=prompts.device)
@@ -140,7 +143,7 @@ def beam_search(
 
     cross_kv = decoder.cross_kv(encoder_states)
     cross_mask = additive_mask(encoder_mask[:, None, None, :], encoder_states.dtype)
-    caches = [{} for _ in decoder.blocks]
+    caches = decoder.new_caches(prompt_len + max(limits, default=0))
     log_probs = _mask_padding(decoder.step(prompts, 0, cross_kv, cross_mask, caches), vocab_size)  # [B, V]
     scores, first = log_probs.topk(k, dim=-1)  # [B, k]
     scores, generated = scores.reshape(-1, 1), first.reshape(-1, 1)  # [B*k, 1]

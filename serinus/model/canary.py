@@ -16,11 +16,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
-from serinus.audio import FeatureConfig, LogMel
+from serinus.audio import FeatureConfig, LogMel, feature_lengths
 from serinus.decoding import DecodingConfig
 from serinus.model.ctc import CTCConfig, CTCModel
 from serinus.model.decoder import DecoderConfig, TransformerDecoder
-from serinus.model.encoder import ConformerEncoder, EncoderConfig, time_mask
+from serinus.model.encoder import ConformerEncoder, EncoderConfig, calc_subsampled_length, time_mask
 from serinus.model.specaugment import SpecAugment, SpecAugmentConfig
 
 
@@ -137,6 +137,17 @@ class CanaryModel(nn.Module):
     def ctc_blank_id(self) -> int:
         """Blank id of the CTC head (`ctc_weight > 0`): the padded decoder vocabulary size."""
         return self.cfg.decoder.vocab_size
+
+    def limit_lengths(self, audio_lengths: Tensor) -> Tensor:
+        """The encoder length NeMo's generation limit counts, for each item decoded alone: the length
+        of the encoder output tensor, not of its valid part. The centred STFT gives one frame more than
+        the valid frames, so this is at times one more than `encode`'s lengths (963 vs 962 for a 77 s
+        clip), and NeMo allows one more token there."""
+        cfg = self.cfg.features
+        frames = feature_lengths(audio_lengths, cfg.n_fft, cfg.hop_length) + 1
+        if cfg.pad_to > 0:
+            frames = (frames + cfg.pad_to - 1) // cfg.pad_to * cfg.pad_to
+        return calc_subsampled_length(frames, self.encoder.pre_encode.num_stages)
 
     def encode_raw(self, audio: Tensor, audio_lengths: Tensor) -> tuple[Tensor, Tensor]:
         """audio [B, N], lengths [B] -> raw encoder output [B, D_enc, T] (SpecAugment applied in

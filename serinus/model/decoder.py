@@ -4,8 +4,9 @@ tokens [B, L] -> token embedding + fixed sinusoidal positions (divided by sqrt(h
 NeMo does) -> LayerNorm -> N x (self-attn, cross-attn, FFN; pre-LN) -> final LayerNorm
 -> Linear tied to the token embedding -> log-probs [B, L, V].
 
-Incremental decoding keeps a per-layer cache of self-attention keys/values and computes
-the cross-attention keys/values once per utterance.
+Incremental decoding keeps a preallocated per-layer cache of self-attention keys/values
+(`KVCache`, written in place, never concatenated) and computes the cross-attention
+keys/values once per utterance.
 """
 
 from __future__ import annotations
@@ -54,11 +55,12 @@ class DecoderConfig:
 
 
 def sinusoidal_positions(max_len: int, hidden: int) -> Tensor:
-    """NeMo's FixedPositionalEncoding table [max_len, hidden], already divided by sqrt(hidden)."""
-    position = torch.arange(0.0, max_len).unsqueeze(1)
+    """NeMo's FixedPositionalEncoding table [max_len, hidden], already divided by sqrt(hidden). Made on
+    the CPU even in a model built on the meta device (loading), where it is not loaded."""
+    position = torch.arange(0.0, max_len, device="cpu").unsqueeze(1)
     coef = -math.log(10000.0) / hidden
-    div_term = torch.exp(coef * torch.arange(0.0, hidden, 2))
-    pe = torch.zeros(max_len, hidden)
+    div_term = torch.exp(coef * torch.arange(0.0, hidden, 2, device="cpu"))
+    pe = torch.zeros(max_len, hidden, device="cpu")
     pe[:, 0::2] = torch.sin(position * div_term)
     pe[:, 1::2] = torch.cos(position * div_term)
     return pe / math.sqrt(hidden)
@@ -89,6 +91,38 @@ class Attention(nn.Module):
         return self.out(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
 
 
+class KVCache:
+    """One layer's self-attention keys/values [B, H, capacity, d], preallocated on the first step and
+    written in place; `length` positions are filled. (torch.empty leaves unused capacity untouched, so it
+    costs address space, not memory.)"""
+
+    def __init__(self, capacity: int):
+        self.capacity, self.length = capacity, 0
+        self.k = self.v = None
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store this step's k, v [B, H, l, d]; return the keys/values of all positions so far."""
+        end = self.length + k.shape[2]
+        if self.k is None:
+            shape = (k.shape[0], k.shape[1], self.capacity, k.shape[3])
+            self.k, self.v = k.new_empty(shape), v.new_empty(shape)
+        if end > self.capacity:
+            raise ValueError(f"KV cache of {self.capacity} positions is full")
+        self.k[:, :, self.length : end] = k
+        self.v[:, :, self.length : end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def select(self, index: Tensor) -> None:
+        """Keep rows `index` (in that order): only the filled positions are copied."""
+        if self.k is None:
+            return
+        k, v = self.k.new_empty((len(index),) + self.k.shape[1:]), self.v.new_empty((len(index),) + self.v.shape[1:])
+        k[:, :, : self.length] = self.k[index, :, : self.length]
+        v[:, :, : self.length] = self.v[index, :, : self.length]
+        self.k, self.v = k, v
+
+
 class DecoderBlock(nn.Module):
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
@@ -103,13 +137,11 @@ class DecoderBlock(nn.Module):
         self.act = F.relu if cfg.hidden_act == "relu" else F.gelu
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, self_mask, cross_kv, cross_mask, cache: dict | None = None) -> Tensor:
+    def forward(self, x, self_mask, cross_kv, cross_mask, cache: KVCache | None = None) -> Tensor:
         y = self.self_attn_norm(x)
         k, v = self.self_attn.project_kv(y)
-        if cache is not None:  # append this step's keys/values to the ones of earlier positions
-            if "k" in cache:
-                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
-            cache["k"], cache["v"] = k, v
+        if cache is not None:  # attend to the keys/values of earlier positions too
+            k, v = cache.append(k, v)
         x = x + self.dropout(self.self_attn(y, k, v, self_mask))
         x = x + self.dropout(self.cross_attn(self.cross_attn_norm(x), *cross_kv, cross_mask))
         x = x + self.dropout(self.mlp_out(self.act(self.mlp_in(self.mlp_norm(x)))))
@@ -120,7 +152,13 @@ class TransformerDecoder(nn.Module):
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
         self.cfg = cfg
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # Built on the meta device to be loaded, it skips random init (torch's normal_ on meta is slow:
+        # it imports torch._dynamo); built for real, it draws the same random numbers as nn.Embedding.
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+                                            _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
+        loading = self.token_embedding.weight.is_meta
+        if not loading:
+            nn.init.normal_(self.token_embedding.weight)
         self.register_buffer(
             "positions", sinusoidal_positions(cfg.max_sequence_length, cfg.hidden_size), persistent=False
         )
@@ -129,8 +167,10 @@ class TransformerDecoder(nn.Module):
         self.final_norm = nn.LayerNorm(cfg.hidden_size)
         # output head: weight tied to the token embedding, bias of its own
         self.head_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        self.quantized_head = None  # int8 mode: a quantised copy of the head (serinus.precision)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.reset_parameters()
+        if not loading:
+            self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """NeMo's transformer init: N(0, 0.02) weights, zero biases. (torch's default N(0, 1)
@@ -157,6 +197,8 @@ class TransformerDecoder(nn.Module):
         return [block.cross_attn.project_kv(encoder_states) for block in self.blocks]
 
     def logits(self, x: Tensor) -> Tensor:
+        if self.quantized_head is not None:
+            return self.quantized_head(self.final_norm(x))
         return F.linear(self.final_norm(x), self.token_embedding.weight, self.head_bias)
 
     def forward(
@@ -179,9 +221,14 @@ class TransformerDecoder(nn.Module):
             x = block(x, self_mask, kv, cross_mask)
         return F.log_softmax(self.logits(x).float(), dim=-1)
 
-    def step(self, tokens: Tensor, start: int, cross_kv, cross_mask: Tensor, caches: list[dict]) -> Tensor:
+    def new_caches(self, capacity: int | None = None) -> list[KVCache]:
+        """Empty self-attention caches, one per layer, for up to `capacity` positions (default: all)."""
+        capacity = min(capacity or self.cfg.max_sequence_length, self.cfg.max_sequence_length)
+        return [KVCache(capacity) for _ in self.blocks]
+
+    def step(self, tokens: Tensor, start: int, cross_kv, cross_mask: Tensor, caches: list[KVCache]) -> Tensor:
         """Incremental pass over new tokens [B, l] at positions start..start+l-1, using and
-        extending `caches` (one dict per layer). Returns log-probs of the last position [B, V]."""
+        extending `caches` (`new_caches()`). Returns log-probs of the last position [B, V]."""
         length = tokens.shape[1]
         self_mask = None
         if length > 1:  # the prompt: causal within itself (the cache is empty then)

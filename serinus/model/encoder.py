@@ -254,7 +254,7 @@ class ConformerEncoder(nn.Module):
 
     def forward(self, features: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         """features [B, n_mels, T], lengths [B] -> encoded [B, d_model, T'], lengths [B]."""
-        features = features.to(self.pre_encode.out.weight.dtype)  # the front end computes in float32
+        features = features.to(self.pre_encode.conv[0].weight.dtype)  # the front end computes in float32
         x, lengths = self.pre_encode(features.transpose(1, 2), lengths.long())
         t = x.shape[1]
         if self.cfg.xscaling:

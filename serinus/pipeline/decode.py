@@ -100,7 +100,9 @@ def run_decoder(model, rows: list[Row], decoding: DecodingConfig,
     for prompt_len, group in groups.items():
         index = torch.tensor(group, device=states.device)
         prompts = torch.tensor([rows[i].prompt for i in group], device=states.device)
-        limits = max_new_tokens(enc_lengths[index], prompt_len, decoding, model.cfg.decoder.max_sequence_length)
+        # NeMo's limit counts the encoder's output frames of each row's own (unpadded) audio
+        limit_lengths = model.limit_lengths(torch.tensor([len(rows[i].samples) for i in group]))
+        limits = max_new_tokens(limit_lengths, prompt_len, decoding, model.cfg.decoder.max_sequence_length)
         if decoding.beam_size == 1:
             outputs = greedy_decode(model.decoder, states[index], mask[index], prompts, limits, tok.eos_id,
                                     tok.vocab_size)

@@ -1,0 +1,68 @@
+"""Token agreement of the bfloat16 and int8 modes with float32. Run by hand (under the CPU lock).
+
+    python benchmarks/precision_agreement.py [--models tiny_canary2,tiny_canary2_unified] [--limit 56]
+
+On the fixture clips (the 9 short clips) and on the synthetic corpus (../shared/data/synth-v1,
+asr_dev.jsonl), for every fixture Canary model (or --model PATH): items whose ids equal float32's,
+tokens of float32's that the mode reproduces at the same position, and WER of each mode against
+the references (jiwer), so a precision mode's cost in accuracy is read beside float32's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("SERINUS_SHARED", REPO.parent / "shared"))
+FIXTURES = SHARED / "fixtures" / "nemo"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="tiny_canary2,tiny_canary2_unified")
+    p.add_argument("--model", action="append", default=[], help="another checkpoint (path or Hub id)")
+    p.add_argument("--limit", type=int, default=56, help="synthetic dev items (default: all 56)")
+    args = p.parse_args(argv)
+    warnings.simplefilter("ignore")
+    import jiwer
+
+    from serinus import CanaryModel
+    from serinus.precision import cpu_has_bf16
+
+    clips = sorted(str(x) for x in (FIXTURES / "audio").glob("*_0*.wav"))
+    dev_rows = [json.loads(line) for line in open(SHARED / "data" / "synth-v1" / "asr_dev.jsonl")][: args.limit]
+    dev = [str(SHARED / "data" / "synth-v1" / r["audio_filepath"]) for r in dev_rows]
+    refs = [r["text"] for r in dev_rows]
+    dtypes = ["float32", "int8"] + (["bfloat16"] if cpu_has_bf16() else [])
+    models = [str(FIXTURES / f"{m}.nemo") for m in args.models.split(",") if m] + args.model
+    print("| model | set | dtype | exact items | tokens as float32 | WER | seconds |")
+    print("|---|---|---|---|---|---|---|")
+    for path in models:
+        outs = {}
+        for dtype in dtypes:
+            model = CanaryModel.from_pretrained(path, dtype=dtype)
+            for name, audio in (("fixture clips", clips), ("synth-v1 asr_dev", dev)):
+                t = time.perf_counter()
+                hyps = model.transcribe(audio, batch_size=8, source_lang="en", target_lang="en", pnc="yes")
+                outs[(dtype, name)] = (hyps, time.perf_counter() - t)
+        for name in ("fixture clips", "synth-v1 asr_dev"):
+            base = [h.y_sequence for h in outs[("float32", name)][0]]
+            for dtype in dtypes:
+                hyps, seconds = outs[(dtype, name)]
+                ids = [h.y_sequence for h in hyps]
+                exact = sum(a == b for a, b in zip(base, ids))
+                same = sum(sum(x == y for x, y in zip(a, b)) for a, b in zip(base, ids))
+                wer = f"{100 * jiwer.wer(refs, [h.text.strip() or '-' for h in hyps]):.1f}" if name != "fixture clips" else ""
+                print(f"| {Path(path).stem} | {name} | {dtype} | {exact}/{len(ids)} | {same}/{sum(map(len, base))} "
+                      f"| {wer} | {seconds:.1f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

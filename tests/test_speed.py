@@ -1,0 +1,130 @@
+"""Speed and memory features: lean loading, precision modes, the static KV cache, NeMo's length limit."""
+
+import warnings
+
+import pytest
+import torch
+
+from conftest import AUDIO, FIXTURES
+from serinus import CanaryModel
+from serinus import precision
+from serinus.audio import load_audio
+from serinus.checkpoint import WEIGHTS_FILE, extract_nemo, nemo_to_serinus_state_dict, read_weights
+from serinus.decoding import greedy_decode
+from serinus.model.canary import CanaryModel as Model
+
+CLIPS = sorted(str(p) for p in AUDIO.glob("*_0*.wav"))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return CanaryModel.from_pretrained(FIXTURES / "tiny_canary2.nemo")
+
+
+@pytest.fixture(scope="module")
+def float32_ids(model):
+    return [h.y_sequence for h in model.transcribe(CLIPS, batch_size=4)]
+
+
+# -- lean loading -----------------------------------------------------------------------------
+
+def test_nemo_read_in_place_gives_the_extracted_weights(model, tmp_path):
+    """Weights read straight from the archive into a meta-built model equal those of the old path
+    (extract, torch.load, copy into a randomly initialised model), and no tensor is left on meta."""
+    extracted = nemo_to_serinus_state_dict(read_weights(extract_nemo(FIXTURES / "tiny_canary2.nemo", tmp_path) / WEIGHTS_FILE))
+    state = model.state_dict()
+    assert set(state) == set(extracted)
+    for key, value in extracted.items():
+        assert torch.equal(state[key], value), key
+    assert not any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
+    fresh = dict(Model(model.cfg).named_buffers())  # derived buffers as a model built normally computes them
+    derived = [name for name, _ in model.named_buffers() if name not in state]
+    assert derived
+    for name, mine in model.named_buffers():
+        if name in derived:
+            assert torch.equal(mine, fresh[name]), name
+
+
+def test_extraction_can_leave_the_weights_in_the_archive(tmp_path):
+    root = extract_nemo(FIXTURES / "tiny_canary2.nemo", tmp_path, skip=(WEIGHTS_FILE,))
+    assert (root / "model_config.yaml").is_file() and not (root / WEIGHTS_FILE).exists()
+
+
+# -- precision modes --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
+def test_precision_modes_load_and_agree_with_float32(dtype, float32_ids):
+    if dtype == "bfloat16" and not precision.cpu_has_bf16():
+        pytest.skip("this CPU has no native bf16")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's deprecation notice for quantised tensors
+        m = CanaryModel.from_pretrained(FIXTURES / "tiny_canary2.nemo", dtype=dtype)
+    assert precision.model_dtype(m) == dtype
+    ids = [h.y_sequence for h in m.transcribe(CLIPS, batch_size=4)]
+    same = sum(a == b for a, b in zip(float32_ids, ids))
+    assert same >= len(CLIPS) - 1, (same, len(CLIPS))  # measured: all 9 equal, both models, both modes
+
+
+def test_bad_precisions_are_refused_clearly(monkeypatch):
+    with pytest.raises(ValueError, match="unknown dtype 'int4'"):
+        CanaryModel.from_pretrained(FIXTURES / "tiny_canary2.nemo", dtype="int4")
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)
+    with pytest.raises(ValueError, match="AVX-512 BF16 or AMX"):
+        CanaryModel.from_pretrained(FIXTURES / "tiny_canary2.nemo", dtype="bfloat16")
+    with pytest.raises(ValueError, match="CPU only"):
+        precision.check_dtype("int8", "cuda")
+
+
+# -- decoding ---------------------------------------------------------------------------------
+
+def test_static_cache_steps_equal_the_full_forward(model):
+    """Each incremental step over the preallocated cache gives the log-probs of the teacher-forced
+    pass over the whole sequence (what the concatenating cache computed), for a batch of 2."""
+    audio = [torch.from_numpy(load_audio(c)) for c in CLIPS[:2]]
+    n = max(len(a) for a in audio)
+    batch = torch.stack([torch.nn.functional.pad(a, (0, n - len(a))) for a in audio])
+    with torch.inference_mode():
+        states, mask, _ = model.encode(batch, torch.tensor([len(a) for a in audio]))
+        tokens = torch.randint(0, 1000, (2, 12))
+        full = model.decoder(tokens, states, mask)  # [2, 12, V]
+        caches = model.decoder.new_caches(12)
+        cross = model.decoder.cross_kv(states)
+        cross_mask = (~mask[:, None, None, :]).float() * -10000.0
+        steps = [model.decoder.step(tokens[:, :4], 0, cross, cross_mask, caches)]
+        steps += [model.decoder.step(tokens[:, i : i + 1], i, cross, cross_mask, caches) for i in range(4, 12)]
+    assert caches[0].length == 12
+    torch.testing.assert_close(torch.stack(steps, 1), full[:, 3:], atol=1e-5, rtol=1e-5)
+
+
+def test_length_limit_counts_the_encoder_output_as_nemo_does(model):
+    """NeMo's limit counts the encoder output tensor (963 frames for the 77 s clip), one frame more
+    than its valid part (962); so with max_generation_delta 0 it allows one token more."""
+    audio = torch.from_numpy(load_audio(str(AUDIO / "en_long.wav")))[None]
+    lengths = torch.tensor([audio.shape[1]])
+    with torch.inference_mode():
+        states, _, enc_len = model.encode(audio, lengths)
+    assert int(enc_len) == 962 and states.shape[1] == 963
+    assert model.limit_lengths(lengths).tolist() == [states.shape[1]]
+    for clip in CLIPS:  # an item alone: always the encoder output's length
+        n = torch.tensor([len(load_audio(clip))])
+        with torch.inference_mode():
+            assert model.limit_lengths(n).tolist() == [model.encode(torch.zeros(1, int(n)), n)[0].shape[1]]
+
+
+def test_greedy_generates_up_to_the_limit(model):
+    audio = torch.from_numpy(load_audio(CLIPS[0]))[None]
+    with torch.inference_mode():
+        states, mask, _ = model.encode(audio, torch.tensor([audio.shape[1]]))
+    prompt = torch.tensor([[model.tokenizer.token_to_id("<|startoftranscript|>")]])
+    ids = greedy_decode(model.decoder, states, mask, prompt, [7], eos_id=-1)[0]  # no EOS: runs to the limit
+    assert len(ids) == 7
+
+
+def test_an_int8_model_is_not_saved(tmp_path):
+    from serinus.checkpoint import CheckpointError
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = CanaryModel.from_pretrained(FIXTURES / "tiny_canary2.nemo", dtype="int8")
+    with pytest.raises(CheckpointError, match="int8"):
+        m.save_pretrained(tmp_path / "out")
