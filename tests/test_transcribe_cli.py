@@ -32,7 +32,7 @@ def reuse_model(model, monkeypatch):
 
     real = serinus.checkpoint.load_model
     monkeypatch.setattr(serinus.checkpoint, "load_model",
-                        lambda name, device="cpu": model if str(name) == TINY else real(name, device=device))
+                        lambda name, device="cpu", **kw: model if str(name) == TINY else real(name, device=device, **kw))
 
 
 def run(capsys, *args):
