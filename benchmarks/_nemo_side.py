@@ -98,7 +98,7 @@ def time_run(model_path, spec):
     else:  # transcribe the files
         kwargs = dict(batch_size=spec["batch_size"], return_hypotheses=True, num_workers=0, verbose=False,
                       source_lang="en", target_lang="en", pnc="yes")
-        model.transcribe(spec["audio"][:1], **kwargs)  # warm-up (first-call allocations, lazy imports)
+        model.transcribe([spec["warmup"]], **kwargs)  # warm-up: first-call allocations, lazy imports
         t = time.perf_counter()
         hyps = model.transcribe(spec["audio"], **kwargs)
         out["wall_s"] = time.perf_counter() - t
