@@ -40,12 +40,13 @@ class StepClock(pl.Callback):
         start.setdefault("t", time.time())
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         records.append({"end": time.time(), "audio": float(batch.audio_lens.sum()) / 16000})
+        json.dump({"start": start.get("t"), "steps": records}, open(out, "w"))  # readable while it runs
 _init = pl.Trainer.__init__
 def init(self, *a, **k):
     k["callbacks"] = list(k.get("callbacks") or []) + [StepClock()]
     _init(self, *a, **k)
 pl.Trainer.__init__ = init
-script, out = sys.argv[1], sys.argv[2]
+script, out = sys.argv[1], sys.argv[2]  # (out is read by the callback above)
 sys.argv = [script] + sys.argv[3:]
 try:
     runpy.run_path(script, run_name="__main__")
@@ -120,18 +121,40 @@ def run_serinus(line: list[str], threads: int) -> dict:
             "stderr": proc.stderr, "stdout": proc.stdout}
 
 
-def run_nemo(nemo_python: str, line: list[str], threads: int) -> dict:
+def run_nemo(nemo_python: str, line: list[str], threads: int, steps: int, wait_after: float) -> dict:
+    """NeMo's script with the seed's line; after training it runs its test pass over model.test_ds,
+    which with an untrained model can take far longer than training: it gets `wait_after` seconds to
+    finish, then is stopped (and the row says so)."""
     clock = OUT / "nemo_steps.json"
+    clock.unlink(missing_ok=True)
     cmd = [nemo_python, "-c", NEMO_DRIVER, str(CONFIGS / "speech_to_text_aed.py"), str(clock),
            "--config-path", str(CONFIGS), "--config-name", "fast-conformer_aed.yaml", *line,
-           "trainer.devices=1", "trainer.accelerator=cpu", "trainer.precision=32"]
+           "trainer.devices=1", "trainer.accelerator=cpu", "trainer.precision=32",
+           # the YAML's sync_batchnorm=true makes Lightning's DDP strategy wrap SyncBatchNorm, which
+           # "only works with GPU modules": NeMo needs this fourth flag on a CPU as well
+           "trainer.sync_batchnorm=false"]
     t = time.time()
-    proc = subprocess.run(cmd, env={**_env(threads), "HYDRA_FULL_ERROR": "1"}, capture_output=True, text=True)
+    proc = subprocess.Popen(cmd, env={**_env(threads), "HYDRA_FULL_ERROR": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    trained_at, finished = None, True
+    while proc.poll() is None:
+        time.sleep(1)
+        if trained_at is None and clock.is_file() and len(json.loads(clock.read_text() or "{}").get("steps", [])) >= steps:
+            trained_at = time.time()
+        if trained_at is not None and time.time() - trained_at > wait_after:
+            proc.kill()
+            finished = False
+            break
     wall = time.time() - t
-    if proc.returncode != 0:
-        raise SystemExit(f"NeMo failed:\n{proc.stderr[-3000:]}")
+    failed = None
+    if finished and proc.returncode != 0:
+        if not clock.is_file() or len(json.loads(clock.read_text())["steps"]) < steps:
+            raise SystemExit(f"NeMo failed:\n{proc.stderr.read()[-3000:]}")
+        failed = proc.stderr.read().strip().splitlines()[-1][-160:]  # after its training steps (its test pass)
     rec = json.loads(clock.read_text())["steps"]
-    return {"wall": wall, "steps": len(rec), "span": rec[-1]["end"] - rec[0]["end"], "span_steps": len(rec) - 1,
+    return {"wall": wall, "finished": finished, "failed": failed, "trained": (trained_at or time.time()) - t,
+            "steps": len(rec),
+            "span": rec[-1]["end"] - rec[0]["end"], "span_steps": len(rec) - 1,
             "audio_per_step": sum(r["audio"] for r in rec[1:]) / max(len(rec) - 1, 1)}
 
 
@@ -140,40 +163,59 @@ def main() -> int:
     p.add_argument("--nemo-python", required=True)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--extra", nargs="*", default=[],
+                   help="overrides added on both sides after the seed's line, e.g. model.train_ds.use_bucketing=false "
+                        "model.train_ds.batch_size=16 (equal batches for a throughput comparison)")
+    p.add_argument("--tag", default="", help="suffix of the cached results, for runs with --extra")
+    p.add_argument("--wait-after", type=float, default=120,
+                   help="seconds NeMo's test pass may take after its training steps before it is stopped")
+    p.add_argument("--sides", default="serinus,serinus_fp32,nemo,nemo_nolog",
+                   help="which to run now; the others are read from the last run's results")
     args = p.parse_args()
     manifest = english_manifest()
     spl, en = tokenizers(manifest)
     rows = {}
     cpu32 = ["trainer.devices=1", "trainer.accelerator=cpu", "trainer.precision=32"]  # what NeMo needs here
-    for side in ("serinus", "serinus_fp32", "nemo"):
+    # nemo_nolog: the same, with log_every_n_steps above the step count: NeMo's training_step then skips
+    # decoding the training batch for its WER metric (it does that every log_every_n_steps steps)
+    for side in ("serinus", "serinus_fp32", "nemo", "nemo_nolog"):
+        cached = OUT / f"result_{side}{args.tag}.json"
+        if side not in args.sides.split(","):
+            rows[side] = json.loads(cached.read_text())
+            continue
         exp = OUT / f"exp_{side}"
         subprocess.run(["rm", "-rf", str(exp)])
-        line = seed_line(manifest, spl, en, exp, args.steps)
-        if side == "nemo":
-            rows[side] = run_nemo(args.nemo_python, line, args.threads)
+        line = seed_line(manifest, spl, en, exp, args.steps) + list(args.extra)
+        if side.startswith("nemo"):
+            if side == "nemo_nolog":
+                line = [x for x in line if not x.startswith("trainer.log_every_n_steps=")] + [
+                    f"trainer.log_every_n_steps={args.steps + 1}"]
+            rows[side] = run_nemo(args.nemo_python, line, args.threads, args.steps, args.wait_after)
         else:
             rows[side] = run_serinus(line + (cpu32 if side == "serinus_fp32" else []), args.threads)
         r = rows[side]
+        cached.write_text(json.dumps(r))
         print(f"{side}: {r['wall']:.1f} s for the command, {r['steps']} steps", flush=True)
-    n = rows["nemo"]
-    per_n = n["span"] / n["span_steps"]
-    aps_n = n["audio_per_step"] / per_n
-    print("\n| | NeMo 3.0.0 (fp32: devices=1 accelerator=cpu precision=32) | Serinus, the seed's line as is "
-          "(bf16-mixed from the YAML) | Serinus with NeMo's three CPU flags (fp32) |\n|---|---|---|---|")
-    cells = {k: [] for k in ("wall", "per", "audio", "aps")}
-    for side in ("serinus", "serinus_fp32"):
-        r = rows[side]
+    n, q = rows["nemo"], rows["nemo_nolog"]
+    print("\n| | NeMo, the seed's line + 4 CPU flags (fp32) | NeMo, same, log_every_n_steps > steps | Serinus, the "
+          "seed's line as is (bf16-mixed from the YAML) | Serinus with NeMo's CPU flags (fp32) |\n|---|---|---|---|---|")
+
+    def cells(r, ref):
         per = r["span"] / r["span_steps"]
-        aps = r["audio_per_step"] / per
-        cells["wall"].append(f"{r['wall']:.1f} ({n['wall'] / r['wall']:.2f}x)")
-        cells["per"].append(f"{per:.2f} ({per_n / per:.2f}x)")
-        cells["audio"].append(f"{r['audio_per_step']:.0f}")
-        cells["aps"].append(f"{aps:.1f} ({aps / aps_n:.2f}x)")
-    print(f"| whole command, s | {n['wall']:.1f} | " + " | ".join(cells["wall"]) + " |")
-    print(f"| s per training step (steps 2..{args.steps}, data loading included) | {per_n:.2f} | "
-          + " | ".join(cells["per"]) + " |")
-    print(f"| audio s per step | {n['audio_per_step']:.0f} | " + " | ".join(cells["audio"]) + " |")
-    print(f"| audio s per wall s of training | {aps_n:.1f} | " + " | ".join(cells["aps"]) + " |")
+        ref_per = ref["span"] / ref["span_steps"]
+        aps, ref_aps = r["audio_per_step"] / per, ref["audio_per_step"] / ref_per
+        wall = f"{r['wall']:.1f}" + ("" if r.get("finished", True) else " (stopped in its test pass)")
+        if r.get("failed"):
+            wall = f"failed after training: {r['failed']}"
+        trained = r.get("trained", r["wall"])
+        return {"wall": wall, "trained": f"{trained:.1f}" if trained == trained else "-", "per": f"{per:.2f}", "audio": f"{r['audio_per_step']:.0f}",
+                "aps": f"{aps:.1f}" + (f" ({aps / ref_aps:.2f}x)" if r is not ref else "")}
+
+    table = [cells(n, n), cells(q, q), cells(rows["serinus"], q), cells(rows["serinus_fp32"], q)]
+    for key, title in (("wall", "whole command, s"), ("trained", "start to the end of the last step, s"),
+                       ("per", f"s per training step (steps 2..{args.steps}, data loading included)"),
+                       ("audio", "audio s per step"), ("aps", "audio s per wall s of training (vs NeMo without per-step WER)")):
+        print(f"| {title} | " + " | ".join(c[key] for c in table) + " |")
     print("\nSerinus's notes on the seed line:\n" + "\n".join(
         "  " + x for x in rows["serinus"]["stderr"].splitlines() if x.startswith("serinus train")))
     return 0

@@ -462,6 +462,8 @@ def _trainer(src: _Source, out: dict, notes: list, world: int) -> None:
         _put(out, "trainer.precision", "32")
     elif precision in ("bf16", "bf16-mixed", "bf16-true"):
         _put(out, "trainer.precision", "bf16")  # autocast, fp32 weights (bf16-mixed)
+        if not on_gpu:  # NeMo needs precision=32 on a CPU; Serinus keeps the YAML's choice and says so
+            notes.append(f"trainer.precision={precision}: bfloat16 autocast on the CPU (float32 weights)")
     elif precision in ("16", "16-mixed", "fp16"):
         if not on_gpu:
             raise ConfigError(f"trainer.precision={precision}: float16 mixed precision is for GPUs and this run is "
