@@ -1,0 +1,115 @@
+"""NeMo 3.0.0's own AED recipe (fast-conformer_aed.yaml + speech_to_text_aed.py, in its own venv) on the
+data, model size and wall-clock budget of configs/synth_en.yaml, for the note beside Serinus's curve.
+
+    python benchmarks/nemo_recipe_baseline.py --nemo-python /work/nemo_venv/bin/python [--minutes 30]
+
+Same as configs/synth_en.yaml where NeMo has the setting: the 1,933 English training lines, the
+15 English lines of synth-v1/asr_dev.jsonl for validation, the tokenizer of runs/synth_en (spl_tokens
++ English BPE-128; train configs/synth_en.yaml once first), a 4 x 176 FastConformer (4 heads, 4x
+subsampling with 64 channels) and a 2 x 256 decoder, 40 s batches, AdamW 3e-3 with 300 warm-up steps,
+SpecAugment 2 x 27 / 5 x 0.05, label smoothing 0.1, the prompt-loss mask, float32 on the CPU.
+NeMo has no CTC loss. Printed: NeMo's validation WER at each validation, steps, and audio seconds per
+wall second of training (from its TensorBoard events: num_frames, train_step_timing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data"
+CONFIGS = ROOT.parent / "shared" / "fixtures" / "nemo" / "configs"
+OUT = ROOT / "runs" / "nemo_baseline"
+
+
+def english(src: Path, out: Path) -> Path:
+    rows = []
+    for line in src.read_text().splitlines():
+        e = json.loads(line)
+        if e.get("source_lang") == "en" and e.get("target_lang") == "en":
+            e["audio_filepath"] = str((src.parent / e["audio_filepath"]).resolve())
+            rows.append(json.dumps(e))
+    out.write_text("\n".join(rows) + "\n")
+    return out
+
+
+def events(folder: Path) -> list[tuple[int, str, float, float]]:
+    """(step, tag, value, wall time) of every scalar in NeMo's TensorBoard event files."""
+    from tensorboardX.proto import event_pb2 as pb
+
+    out = []
+    for f in sorted(folder.rglob("events.out.tfevents.*")):
+        data, i = f.read_bytes(), 0
+        while i + 12 <= len(data):
+            n = int.from_bytes(data[i:i + 8], "little")
+            e = pb.Event.FromString(data[i + 12:i + 12 + n])
+            i += 12 + n + 4
+            out += [(e.step, v.tag, v.simple_value, e.wall_time) for v in e.summary.value]
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--nemo-python", required=True)
+    p.add_argument("--minutes", type=float, default=30)
+    p.add_argument("--val-every", type=int, default=500)
+    args = p.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    train = OUT / "train_en.jsonl"
+    rows = []
+    for name in ("synth-v1", "synth-v1-large", "synth-v1-xl"):
+        src = DATA / name / "asr_train.jsonl"
+        rows += [x for x in english(src, OUT / "tmp.jsonl").read_text().splitlines() if x]
+    train.write_text("\n".join(rows) + "\n")
+    dev = english(DATA / "synth-v1" / "asr_dev.jsonl", OUT / "dev_en.jsonl")
+    tok = ROOT / "runs" / "synth_en" / "tokenizer"
+    en = next((tok / "en").rglob("tokenizer.model")).parent
+    minutes = int(args.minutes)
+    line = [
+        "name=nemo-synth-en", "model.prompt_format=canary2", "model.use_loss_mask_for_prompt=true",
+        f"model.train_ds.manifest_filepath={train}", f"model.validation_ds.manifest_filepath={dev}",
+        "~model.test_ds", f"model.tokenizer.langs.en.dir={en}",
+        f"model.tokenizer.langs.spl_tokens.dir={tok / 'spl_tokens'}", f"spl_tokens.model_dir={tok / 'spl_tokens'}",
+        "model.model_defaults.asr_enc_hidden=176", "model.model_defaults.lm_enc_hidden=256",
+        "model.model_defaults.lm_dec_hidden=256", "model.encoder.n_layers=4", "model.encoder.n_heads=4",
+        "model.encoder.subsampling_factor=4", "model.encoder.subsampling_conv_channels=64",
+        "model.transf_decoder.config_dict.num_layers=2", "model.transf_decoder.config_dict.num_attention_heads=4",
+        "model.transf_decoder.config_dict.max_sequence_length=256",
+        "model.train_ds.batch_duration=40", "model.train_ds.num_workers=0", "model.validation_ds.num_workers=0",
+        "model.label_smoothing=0.1", "model.spec_augment.time_masks=5",
+        "model.optim.lr=3e-3", "model.optim.sched.warmup_steps=300",
+        f"+trainer.max_time=00:00:{minutes:02d}:00", "trainer.max_steps=100000", f"trainer.val_check_interval={args.val_every}",
+        "trainer.log_every_n_steps=100", "trainer.num_sanity_val_steps=0",
+        f"exp_manager.exp_dir={OUT / 'exp'}", "exp_manager.resume_if_exists=false",
+        "trainer.devices=1", "trainer.accelerator=cpu", "trainer.precision=32", "trainer.sync_batchnorm=false",
+    ]
+    subprocess.run(["rm", "-rf", str(OUT / "exp")])
+    t = time.time()
+    proc = subprocess.run([args.nemo_python, str(CONFIGS / "speech_to_text_aed.py"), "--config-path", str(CONFIGS),
+                           "--config-name", "fast-conformer_aed.yaml", *line], capture_output=True, text=True)
+    wall = time.time() - t
+    (OUT / "stderr.txt").write_text(proc.stderr)
+    ev = events(OUT / "exp")
+    steps = [(s, v, w) for s, tag, v, w in ev if tag == "train_step_timing in s"]
+    frames = [v for _, tag, v, _ in ev if tag == "num_frames"]
+    t0 = min(w for _, tag, _, w in ev) if ev else t
+    print(f"NeMo exit {proc.returncode}, {wall / 60:.1f} min in all; steps logged up to {max((s for s, _, _ in steps), default=0)}")
+    print("\n| minutes (since its first event) | step | NeMo val WER % |\n|---|---|---|")
+    for s, tag, v, w in ev:
+        if tag in ("val_wer", "val_en_wer") or tag.endswith("wer") and tag.startswith("val"):
+            print(f"| {(w - t0) / 60:.1f} | {s} | {100 * v:.1f} |")
+    if steps and frames:
+        per = sum(v for _, v, _ in steps) / len(steps)
+        audio = sum(frames) / len(frames) / 16000
+        print(f"\ntraining: {per:.3f} s per logged step, {audio:.1f} audio s per step, {audio / per:.1f} audio s "
+              "per wall s (sampled every 100 steps)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
