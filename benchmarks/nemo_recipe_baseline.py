@@ -53,6 +53,37 @@ def events(folder: Path) -> list[tuple[int, str, float, float]]:
     return out
 
 
+NEMO_TRANSCRIBE = r"""
+import json, sys, logging
+logging.disable(logging.WARNING)
+from nemo.collections.asr.models import EncDecMultiTaskModel
+model = EncDecMultiTaskModel.restore_from(sys.argv[1], map_location="cpu").eval()
+hyps = model.transcribe(sys.argv[2], batch_size=8, num_workers=0, verbose=False)
+print("RESULT " + json.dumps([h.text if hasattr(h, "text") else str(h) for h in hyps]))
+"""
+
+
+def final_wer(nemo_python: str, exp: Path, dev: Path) -> str:
+    """The WER of the .nemo NeMo saved at the end, decoded by NeMo itself (its default decoding)."""
+    import jiwer
+
+    sys.path.insert(0, str(ROOT))
+    from serinus.train import normalize_text
+
+    files = sorted(exp.rglob("*.nemo"), key=lambda f: f.stat().st_mtime)
+    if not files:
+        return "no .nemo was saved"
+    out = subprocess.run([nemo_python, "-c", NEMO_TRANSCRIBE, str(files[-1]), str(dev)], capture_output=True, text=True)
+    line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if line is None:
+        return f"NeMo could not decode: {out.stderr[-500:]}"
+    hyps = json.loads(line[len("RESULT "):])
+    refs = [json.loads(x)["text"] for x in dev.read_text().splitlines() if x]
+    wer = jiwer.wer([normalize_text(r) for r in refs], [normalize_text(h) for h in hyps])
+    pairs = "; ".join(f"{r!r} -> {h!r}" for r, h in list(zip(refs, hyps))[:3])
+    return f"{100 * wer:.1f}% on {len(refs)} dev lines ({files[-1].name}); e.g. {pairs}"
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--nemo-python", required=True)
@@ -85,6 +116,9 @@ def main() -> int:
         "model.optim.lr=3e-3", "model.optim.sched.warmup_steps=300",
         f"+trainer.max_time=00:00:{minutes:02d}:00", "trainer.max_steps=100000", f"trainer.val_check_interval={args.val_every}",
         "trainer.log_every_n_steps=100", "trainer.num_sanity_val_steps=0",
+        # an epoch here is ~150 steps: without this, an int val_check_interval counts within one epoch
+        # and NeMo never validates
+        "trainer.check_val_every_n_epoch=null",
         f"exp_manager.exp_dir={OUT / 'exp'}", "exp_manager.resume_if_exists=false",
         "trainer.devices=1", "trainer.accelerator=cpu", "trainer.precision=32", "trainer.sync_batchnorm=false",
     ]
@@ -103,6 +137,7 @@ def main() -> int:
     for s, tag, v, w in ev:
         if tag in ("val_wer", "val_en_wer") or tag.endswith("wer") and tag.startswith("val"):
             print(f"| {(w - t0) / 60:.1f} | {s} | {100 * v:.1f} |")
+    print(f"\nfinal model: {final_wer(args.nemo_python, OUT / 'exp', dev)}")
     if steps and frames:
         per = sum(v for _, v, _ in steps) / len(steps)
         audio = sum(frames) / len(frames) / 16000

@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=os.environ.get("SERINUS_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on every request (default: $SERINUS_API_KEY, else none)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "int8", "float16"], default="float32",
+                   help="precision, as for serinus transcribe (int8: quantised Linear layers, CPU)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return p
 
@@ -81,9 +82,9 @@ def main(argv: list[str] | None = None) -> int:
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     try:
-        model = load_model(args.model, device=device)
-        if args.dtype != "float32":
-            model = model.to(getattr(torch, args.dtype))
+        model = load_model(args.model, device=device, dtype=args.dtype if args.dtype != "float16" else "float32")
+        if args.dtype == "float16":
+            model = model.to(torch.float16)
     except Exception as e:  # CheckpointError, a bad --device, ...
         print(f"serinus serve: error: cannot load model {args.model!r}: {e}", file=sys.stderr)
         return 2
