@@ -26,16 +26,8 @@ DATA = ROOT.parent / "shared" / "data"
 CONFIGS = ROOT.parent / "shared" / "fixtures" / "nemo" / "configs"
 OUT = ROOT / "runs" / "nemo_baseline"
 
-
-def english(src: Path, out: Path) -> Path:
-    rows = []
-    for line in src.read_text().splitlines():
-        e = json.loads(line)
-        if e.get("source_lang") == "en" and e.get("target_lang") == "en":
-            e["audio_filepath"] = str((src.parent / e["audio_filepath"]).resolve())
-            rows.append(json.dumps(e))
-    out.write_text("\n".join(rows) + "\n")
-    return out
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from seed_vs_nemo import english_lines, english_manifest  # noqa: E402
 
 
 def events(folder: Path) -> list[tuple[int, str, float, float]]:
@@ -91,13 +83,9 @@ def main() -> int:
     p.add_argument("--val-every", type=int, default=500)
     args = p.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
-    train = OUT / "train_en.jsonl"
-    rows = []
-    for name in ("synth-v1", "synth-v1-large", "synth-v1-xl"):
-        src = DATA / name / "asr_train.jsonl"
-        rows += [x for x in english(src, OUT / "tmp.jsonl").read_text().splitlines() if x]
-    train.write_text("\n".join(rows) + "\n")
-    dev = english(DATA / "synth-v1" / "asr_dev.jsonl", OUT / "dev_en.jsonl")
+    train = english_manifest()  # the same 1,933 lines as benchmarks/seed_vs_nemo.py
+    dev = OUT / "dev_en.jsonl"
+    dev.write_text("\n".join(english_lines(DATA / "synth-v1" / "asr_dev.jsonl")) + "\n")
     tok = ROOT / "runs" / "synth_en" / "tokenizer"
     en = next((tok / "en").rglob("tokenizer.model")).parent
     minutes = int(args.minutes)

@@ -60,16 +60,21 @@ def english_manifest() -> Path:
     if out.is_file():
         return out
     OUT.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for name in ("synth-v1", "synth-v1-large", "synth-v1-xl"):
-        src = DATA / name / "asr_train.jsonl"
-        for line in src.read_text().splitlines():
-            e = json.loads(line)
-            if e.get("source_lang") == "en" and e.get("target_lang") == "en":
-                e["audio_filepath"] = str((src.parent / e["audio_filepath"]).resolve())
-                lines.append(json.dumps(e))
+    lines = [x for name in ("synth-v1", "synth-v1-large", "synth-v1-xl")
+             for x in english_lines(DATA / name / "asr_train.jsonl")]
     out.write_text("\n".join(lines) + "\n")
     return out
+
+
+def english_lines(src: Path) -> list[str]:
+    """The English ASR lines of a manifest, with absolute audio paths (so a copy elsewhere still works)."""
+    rows = []
+    for line in src.read_text().splitlines():
+        e = json.loads(line)
+        if e.get("source_lang") == "en" and e.get("target_lang") == "en":
+            e["audio_filepath"] = str((src.parent / e["audio_filepath"]).resolve())
+            rows.append(json.dumps(e))
+    return rows
 
 
 def tokenizers(manifest: Path) -> tuple[Path, Path]:

@@ -173,10 +173,11 @@ def _files_entry(proto: bytes, files: dict[str, bytes]) -> dict:
     """Add one SentencePiece model's files under unique names; its config entry, NeMo's keys."""
     tag = uuid.uuid4().hex
     entry = {"dir": None, "type": "bpe"}
+    contents = _sentencepiece_files(proto)
     for key, name in (("model_path", "tokenizer.model"), ("vocab_path", "vocab.txt"),
                       ("spe_tokenizer_vocab", "tokenizer.vocab")):
         archive_name = f"{tag}_{name}"
-        files[archive_name] = _sentencepiece_files(proto)[name]
+        files[archive_name] = contents[name]
         entry[key] = f"nemo:{archive_name}"
     return entry
 

@@ -38,29 +38,28 @@ class TimedToken:
 
 
 @dataclass
-class TimedWord:
+class _TimedText:
+    """A word or a segment with its frame offsets and seconds; NeMo names its text field by the kind."""
+
     text: str
     start_offset: int | None
     end_offset: int | None
     start: float | None
     end: float | None
 
+    NEMO_KEY = ""
+
     def to_nemo(self) -> dict:
-        return {"word": self.text, "start_offset": self.start_offset, "end_offset": self.end_offset,
+        return {self.NEMO_KEY: self.text, "start_offset": self.start_offset, "end_offset": self.end_offset,
                 "start": self.start, "end": self.end}
 
 
-@dataclass
-class TimedSegment:
-    text: str
-    start_offset: int | None
-    end_offset: int | None
-    start: float | None
-    end: float | None
+class TimedWord(_TimedText):
+    NEMO_KEY = "word"
 
-    def to_nemo(self) -> dict:
-        return {"segment": self.text, "start_offset": self.start_offset, "end_offset": self.end_offset,
-                "start": self.start, "end": self.end}
+
+class TimedSegment(_TimedText):
+    NEMO_KEY = "segment"
 
 
 KINDS = {"word": "words", "segment": "segments", "char": "tokens"}  # NeMo's key -> field

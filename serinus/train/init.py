@@ -117,7 +117,9 @@ def init_from_model(model, init, include: list[str], exclude: list[str], where: 
     report = InitReport(where)
     rows = token_row_tensors(model)
     new_tok, old_tok = getattr(model, "tokenizer", None), getattr(init, "tokenizer", None)
-    remap = new_tok is not None and old_tok is not None and piece_keys(new_tok) != piece_keys(old_tok)
+    new_keys = piece_keys(new_tok) if new_tok is not None else None
+    old_keys = piece_keys(old_tok) if old_tok is not None else None
+    remap = new_keys is not None and old_keys is not None and new_keys != old_keys
     chosen = [k for k in state if selected(k, include, exclude, match)]
     report.skipped = sorted(k for k in state if k not in chosen)
     by_row = [k for k in chosen if remap and k in rows and k in own]
@@ -127,9 +129,9 @@ def init_from_model(model, init, include: list[str], exclude: list[str], where: 
     elif not by_row:
         raise ConfigError(f"init_from: no parameter of {where} matches include={include} exclude={exclude}")
     if by_row:
-        old_index = {key: i for i, key in enumerate(piece_keys(old_tok))}
-        pairs = [(i, old_index[key]) for i, key in enumerate(piece_keys(new_tok)) if key in old_index]
-        report.new_pieces = [key[1] for key in piece_keys(new_tok) if key not in old_index]
+        old_index = {key: i for i, key in enumerate(old_keys)}
+        pairs = [(i, old_index[key]) for i, key in enumerate(new_keys) if key in old_index]
+        report.new_pieces = [key[1] for key in new_keys if key not in old_index]
         dst = torch.tensor([i for i, _ in pairs], dtype=torch.long)
         src = torch.tensor([j for _, j in pairs], dtype=torch.long)
         with torch.no_grad():
@@ -141,7 +143,7 @@ def init_from_model(model, init, include: list[str], exclude: list[str], where: 
                 target[dst] = source[src]
                 if rows[name] >= 0:  # the CTC blank is the last row on both sides
                     target[rows[name]] = source[source.shape[0] - 1]
-                report.rows[name] = (len(pairs), len(piece_keys(new_tok)))
+                report.rows[name] = (len(pairs), len(new_keys))
     report.new = sorted(k for k in own if k not in state)
     return report
 
