@@ -100,3 +100,33 @@ def test_cli_estimate(tmp_path, capsys):
     assert code == 0, text
     assert "bucket_duration_bins: [[" in text and "bucketed:" in text and "shuffled fixed-size:" in text
     assert bk.main(["estimate", str(SYNTH[0]), "--tokenizer", str(tmp_path / "nope")]) == 1
+
+
+@pytest.mark.parametrize("subbuckets", [1, 2])
+def test_train_sampler_estimates_duration_buckets_with_token_subbuckets_only_on_request(subbuckets):
+    # batch_duration without bins: num_buckets duration buckets, each split num_subbuckets times by tokens
+    # (1 by default: token sub-buckets group utterances by speaking rate and domain, which learnt slower)
+    import copy
+    import random as _random
+
+    from lhotse import CutSet
+    from lhotse.testing.dummies import dummy_cut
+
+    from serinus.train import loop
+    from serinus.train.config import DEFAULTS
+
+    rng = _random.Random(0)
+    cuts = []
+    for i in range(200):
+        c = dummy_cut(i, duration=rng.uniform(1.0, 8.0))
+        c.num_tokens = int(c.duration * rng.uniform(5, 15))
+        cuts.append(c)
+    ds = copy.deepcopy(DEFAULTS["train_ds"])
+    ds.update(batch_duration=20, num_buckets=4, num_subbuckets=subbuckets)
+    assert DEFAULTS["train_ds"]["num_subbuckets"] == 1
+    sampler = loop.build_sampler(ds, CutSet.from_cuts(cuts), 0, 1, 0)
+    bins = sampler.duration_bins
+    assert len(bins) == 4 * subbuckets
+    assert len({d for d, _ in bins}) == 4
+    seen = [c.id for batch in sampler for c in batch]
+    assert sorted(seen) == sorted(c.id for c in cuts)  # every cut, once

@@ -165,3 +165,22 @@ def test_padding_rows_of_the_output_layer_are_never_chosen():
         hyp = model.transcribe([str(AUDIO / "en_01.wav")], beam_size=beam, max_generation_delta=5)[0]
         assert hyp.error is None
         assert all(t < vocab for t in hyp.y_sequence)
+
+
+def test_subsampling_inference_path_matches_training_path():
+    # without autograd, the subsampling convs run one item at a time and in place (to bound memory);
+    # the result must be the batched one, padding included
+    from serinus.model.encoder import ConvSubsampling, EncoderConfig
+
+    torch.manual_seed(0)
+    sub = ConvSubsampling(EncoderConfig(feat_in=80, d_model=64, subsampling_conv_channels=16)).eval()
+    x = torch.randn(3, 203, 80)
+    lengths = torch.tensor([203, 150, 9])
+    with torch.enable_grad():
+        ref, ref_len = sub(x, lengths)
+    x_before = x.clone()
+    with torch.inference_mode():
+        out, out_len = sub(x, lengths)
+    assert torch.equal(x, x_before)  # the caller's features are not written to
+    assert torch.equal(out_len, ref_len)
+    torch.testing.assert_close(out, ref.detach(), rtol=1e-5, atol=1e-5)

@@ -108,16 +108,36 @@ class ConvSubsampling(nn.Module):
         self.out = nn.Linear(channels * freq, cfg.d_model)
 
     def forward(self, x: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
-        # x: [B, T, F] -> [B, 1, T, F]
-        x = x.unsqueeze(1)
-        for layer in self.conv:
-            x = x * time_mask(lengths, x.shape[2])[:, None, :, None].to(x.dtype)
-            x = layer(x)
+        """x [B, T, F] features, lengths [B] -> [B, T', d_model], lengths [B]."""
+        if torch.is_grad_enabled() or x.shape[0] == 1:
+            x, lengths = self._convs(x.unsqueeze(1), lengths)
+        else:
+            # Inference: one item at a time, each cut to its own length, so the widest activation
+            # ([C, T/2, F/2]: 390 MB for 4 x 30 s at 256 channels) is held for one item, not the whole
+            # batch. The result is the same: padding is zeroed before every layer anyway.
+            t_out = int(calc_subsampled_length(torch.tensor(x.shape[1]), self.num_stages))
+            parts, lens = [], []
+            for i in range(x.shape[0]):
+                n = max(int(lengths[i]), 1)
+                y, out_len = self._convs(x[i : i + 1, :n].unsqueeze(1), lengths[i : i + 1])
+                parts.append(F.pad(y, (0, 0, 0, t_out - y.shape[2])))
+                lens.append(out_len)
+            x, lengths = torch.cat(parts), torch.cat(lens)
+        b, c, t, f = x.shape
+        return self.out(x.transpose(1, 2).reshape(b, t, c * f)), lengths  # [B, T', d_model]
+
+    def _convs(self, x: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        # x: [B, 1, T, F] -> [B, C, T', F']; without autograd, masks and ReLUs work in place (after
+        # the first layer, whose input is the caller's tensor) so no activation is held twice
+        in_place = not torch.is_grad_enabled()
+        for i, layer in enumerate(self.conv):
+            mask = time_mask(lengths, x.shape[2])[:, None, :, None].to(x.dtype)
+            x = x.mul_(mask) if in_place and i > 0 else x * mask
+            x = x.relu_() if in_place and isinstance(layer, nn.ReLU) else layer(x)
             if isinstance(layer, nn.Conv2d) and layer.stride[0] > 1:
                 lengths = calc_subsampled_length(lengths, 1)
-        x = x * time_mask(lengths, x.shape[2])[:, None, :, None].to(x.dtype)
-        b, c, t, f = x.shape
-        x = self.out(x.transpose(1, 2).reshape(b, t, c * f))  # [B, T', d_model]
+        x = x.mul_(time_mask(lengths, x.shape[2])[:, None, :, None].to(x.dtype)) if in_place else \
+            x * time_mask(lengths, x.shape[2])[:, None, :, None].to(x.dtype)
         return x, lengths
 
 

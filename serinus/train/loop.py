@@ -216,12 +216,13 @@ def build_sampler(ds: dict, cuts, seed: int, world_size: int, rank: int):
             and ds["batch_size"] is None and int(ds["num_buckets"]) > 1:
         # a duration budget without bins: estimate them, or every batch would be sized for the longest cut
         durs, toks = measure(cuts)
-        buckets = min(int(ds["num_buckets"]), len(durs) // 2)  # each bucket has 2 token sub-buckets
+        sub = max(1, int(ds["num_subbuckets"]))
+        buckets = min(int(ds["num_buckets"]), len(durs) // (2 * sub))  # at least 2 utterances a bin
         if buckets < int(ds["num_buckets"]) and rank == 0:
             print(f"serinus train: train_ds.num_buckets={ds['num_buckets']} is more than {len(durs)} utterances "
                   f"fill; using {max(buckets, 1)}", file=sys.stderr, flush=True)
         if buckets > 1:
-            bins = bins_from_lengths(durs, toks, buckets, 2)[0]
+            bins = bins_from_lengths(durs, toks, buckets, sub)[0]
     if bins is None:  # one bucket holding everything: plain batching
         durs, toks = measure(cuts)
         bins = [[math.ceil(float(durs.max()) * 1000) / 1000, int(toks.max())]]
