@@ -12,7 +12,9 @@ are extracted, never to a path outside the extraction folder, and weights are re
 
 Loading is lean: the weights are read straight from the archive (never copied to disk), into a
 model built on the meta device (no memory, no random init) with `load_state_dict(assign=True)`,
-so they are in memory once; `dtype` then converts (bfloat16) or quantises (int8) them.
+so they are in memory once; `dtype` then converts (bfloat16) or quantises (int8) them. For int8 the
+weights of an uncompressed `.nemo` stream in one tensor at a time (`read_weights_lazily`) and each
+Linear layer is quantised as soon as it has its weights, so no full float32 copy is ever held.
 """
 
 from __future__ import annotations
@@ -183,6 +185,93 @@ def read_archive_weights(path: Path, name: str) -> dict:
         return read_weights(_archive_member(tar, path, name), name)
 
 
+class LazyTensor:
+    """A tensor of a torch checkpoint that is not read yet: its shape and dtype, and `load()` to read it.
+    A model can then take its weights one at a time (and quantise each at once) instead of holding
+    every float32 weight at the same moment."""
+
+    def __init__(self, reader, key: str, meta):
+        self.reader, self.key, self.meta = reader, key, meta
+
+    @property
+    def shape(self):
+        return self.meta.shape
+
+    @property
+    def dtype(self):
+        return self.meta.dtype
+
+    def load(self):
+        import torch
+
+        raw = bytearray(self.reader.get_record(f"data/{self.key}"))
+        base = torch.frombuffer(raw, dtype=self.meta.dtype) if raw else torch.empty(0, dtype=self.meta.dtype)
+        t = base.as_strided(self.meta.shape, self.meta.stride(), self.meta.storage_offset())
+        return t if t.numel() == base.numel() and t.is_contiguous() else t.clone()
+
+
+def real(value):
+    """A tensor, reading a LazyTensor."""
+    return value.load() if isinstance(value, LazyTensor) else value
+
+
+def read_weights_lazily(fileobj, where: str) -> dict:
+    """A torch zip checkpoint's state dict as {name: LazyTensor}, through torch's weights-only
+    unpickler (tensors and plain containers only), with each tensor's bytes left in the file."""
+    import pickle
+
+    import torch
+    import torch._weights_only_unpickler as restricted
+
+    try:
+        reader = torch._C.PyTorchFileReader(fileobj)
+        if reader.has_record("byteorder") and reader.get_record("byteorder").decode() != "little":
+            raise CheckpointError(f"{where}: big-endian weights are not supported")
+        storages = {}
+
+        def persistent_load(saved_id):
+            _, storage_type, key, _location, numel = saved_id
+            dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
+            meta = torch.UntypedStorage(int(numel) * torch.empty(0, dtype=dtype).element_size(), device="meta")
+            storages[meta._cdata] = (key, meta)
+            return torch.storage.TypedStorage(wrap_storage=meta, dtype=dtype, _internal=True)
+
+        import io
+
+        unpickler = restricted.Unpickler(io.BytesIO(reader.get_record("data.pkl")), encoding="utf-8")
+        unpickler.persistent_load = persistent_load
+        state = unpickler.load()
+    except CheckpointError:
+        raise
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{where}: refusing to load weights that carry pickled objects other than tensors: "
+                              f"{str(e).splitlines()[0]}") from e
+    except Exception as e:
+        raise CheckpointError(f"{where}: not a readable torch weights file: {e}") from e
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{where}: expected a state dict, found {type(state).__name__}")
+    out = {}
+    for name, t in state.items():
+        if isinstance(t, torch.Tensor):
+            key, _ = storages[t.untyped_storage()._cdata]
+            out[name] = LazyTensor(reader, key, t)
+        else:
+            out[name] = t
+    return out
+
+
+def read_archive_weights_lazily(path: Path, name: str) -> dict:
+    """As read_archive_weights, but {name: LazyTensor}; an uncompressed archive only (else: None)."""
+    try:
+        tar = tarfile.open(path, mode="r:")
+    except tarfile.ReadError:
+        return None
+    member = _archive_member(tar, path, name)  # the tar stays open while the tensors are read
+    return read_weights_lazily(member, name)
+
+
 def _archive_member(tar: tarfile.TarFile, path: Path, name: str):
     for member in tar.getmembers():
         if member.isfile() and str(_safe_member_path(path, member)) == name:
@@ -195,7 +284,7 @@ def nemo_to_serinus_state_dict(state: dict) -> dict:
     tied, embedding = state.get("log_softmax.mlp.layer0.weight"), state.get(
         "transf_decoder._embedding.token_embedding.weight"
     )
-    if tied is not None and embedding is not None and not bool((tied == embedding).all()):
+    if tied is not None and embedding is not None and not bool((real(tied) == real(embedding)).all()):
         raise CheckpointError("the output head weight is not tied to the token embedding; this model is not supported")
     return {rename(key): value for key, value in state.items() if key not in DERIVED_KEYS}
 
@@ -253,12 +342,52 @@ def build_loaded(make, state: dict, where: str, dtype: str = "float32"):
 
     with torch.device("meta"):
         model = make()
-    load_state(model, state, where, assign=True)
+    if dtype == "int8" and any(isinstance(v, LazyTensor) for v in state.values()):
+        _load_quantizing(model, state, where)
+    else:
+        load_state(model, {k: real(v) for k, v in state.items()}, where, assign=True)
     del state
     left = [name for name, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise CheckpointError(f"{where}: {', '.join(left[:5])} neither loaded nor computed")
     return set_dtype(model.eval(), dtype)
+
+
+def _load_quantizing(model, state: dict, where: str) -> None:
+    """Give a meta-device `model` its weights module by module, quantising each Linear layer (int8,
+    dynamic) as soon as it holds its float32 weights: only one float32 weight matrix is in memory at
+    a time, so loading peaks near the int8 model's size, not the float32 one's."""
+    import torch
+    from torch import nn
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    bad_shape = [k for k in state if k in expected and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or bad_shape:
+        load_state(model, {k: real(v) for k, v in state.items()}, where, assign=True)  # its error names them
+    shared = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        shared.setdefault(id(param), []).append(name)
+    for name in [n for n, _ in model.named_modules()]:  # names only: a list of modules would keep
+        module = model.get_submodule(name)              # every float32 Linear alive to the end
+        prefix = name + "." if name else ""
+        own = {k: real(state[prefix + k]) for k in list(module._parameters) + list(module._buffers)
+               if prefix + k in state}
+        if own:
+            module.load_state_dict(own, strict=False, assign=True)
+        if type(module) is nn.Linear and name:
+            module.qconfig = torch.ao.quantization.default_dynamic_qconfig
+            owner, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(owner) if owner else model, attr, DynamicLinear.from_float(module))
+        del module, own
+    for names in shared.values():  # parameters one module object shares between names
+        if len(names) > 1 and all(n.rpartition(".")[0] for n in names):
+            first = model.get_parameter(names[0])
+            for n in names[1:]:
+                owner, _, attr = n.rpartition(".")
+                setattr(model.get_submodule(owner), attr, first)
 
 
 def _extract_small_members(path: Path, dest: str) -> tuple[Path, set[str]]:
@@ -307,7 +436,9 @@ def load_nemo(path: str | os.PathLike, device="cpu", dtype: str = "float32"):
                 aligner_tokenizer = load_tokenizer(aligner_cfg["tokenizer"], nemo_resolver(root))
             except (KeyError, ValueError, OSError) as e:
                 raise CheckpointError(f"{path}: cannot load the packed CTC aligner ({ALIGNER_CONFIG_FILE}): {e}") from e
-    state = nemo_to_serinus_state_dict(read_archive_weights(path, WEIGHTS_FILE))
+    lazy = dtype == "int8"  # stream the weights, quantising as they arrive
+    state = nemo_to_serinus_state_dict((lazy and read_archive_weights_lazily(path, WEIGHTS_FILE))
+                                       or read_archive_weights(path, WEIGHTS_FILE))
     if config.aligner is not None:
         aligner_state = ctc_to_serinus_state_dict(read_archive_weights(path, ALIGNER_WEIGHTS_FILE))
         state.update({f"aligner.{k}": v for k, v in aligner_state.items()})

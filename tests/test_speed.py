@@ -50,6 +50,41 @@ def test_extraction_can_leave_the_weights_in_the_archive(tmp_path):
     assert (root / "model_config.yaml").is_file() and not (root / WEIGHTS_FILE).exists()
 
 
+def test_lazy_archive_weights_read_the_same_tensors():
+    from serinus.checkpoint import read_archive_weights, read_archive_weights_lazily, real
+
+    path = FIXTURES / "tiny_canary2_v2style.nemo"
+    lazy, full = read_archive_weights_lazily(path, WEIGHTS_FILE), read_archive_weights(path, WEIGHTS_FILE)
+    assert set(lazy) == set(full)
+    for key, value in full.items():
+        assert lazy[key].shape == value.shape and torch.equal(real(lazy[key]), value), key
+
+
+def test_int8_loading_streams_and_quantises_as_the_whole_model_path(monkeypatch):
+    """int8 from a .nemo quantises each Linear as its weights arrive (low peak memory); the model is the
+    one quantize_dynamic makes of the whole float32 model: same quantised weights, same tokens."""
+    import serinus.checkpoint as ckpt
+
+    path = FIXTURES / "tiny_canary2_v2style.nemo"  # with a packed CTC aligner
+    streamed = CanaryModel.from_pretrained(path, dtype="int8")
+    monkeypatch.setattr(ckpt, "read_archive_weights_lazily", lambda *a: None)  # the whole-model path
+    whole = CanaryModel.from_pretrained(path, dtype="int8")
+
+    def flat(v):
+        if isinstance(v, torch.Tensor):
+            return [v.dequantize() if v.is_quantized else v]
+        return [x for item in v for x in flat(item)] if isinstance(v, (tuple, list)) else []
+
+    a, b = streamed.state_dict(), whole.state_dict()
+    assert set(a) == set(b)
+    for key in a:
+        assert all(torch.equal(x, y) for x, y in zip(flat(a[key]), flat(b[key]), strict=True)), key
+    assert precision.model_dtype(streamed) == "int8"
+    clips = CLIPS[:3]
+    assert [h.y_sequence for h in streamed.transcribe(clips, batch_size=3)] == \
+        [h.y_sequence for h in whole.transcribe(clips, batch_size=3)]
+
+
 # -- precision modes --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
