@@ -184,3 +184,12 @@ def test_subsampling_inference_path_matches_training_path():
     assert torch.equal(x, x_before)  # the caller's features are not written to
     assert torch.equal(out_len, ref_len)
     torch.testing.assert_close(out, ref.detach(), rtol=1e-5, atol=1e-5)
+    # a long input goes through in time pieces with a halo: the same frames again
+    x, lengths = torch.randn(2, 2500, 80), torch.tensor([2500, 1301])
+    with torch.enable_grad():
+        ref, ref_len = sub(x, lengths)
+    sub.CHUNK_FRAMES = 256
+    with torch.inference_mode():
+        out, out_len = sub(x, lengths)
+    assert torch.equal(out_len, ref_len)
+    torch.testing.assert_close(out, ref.detach(), rtol=1e-5, atol=1e-5)

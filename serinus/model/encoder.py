@@ -119,12 +119,35 @@ class ConvSubsampling(nn.Module):
             parts, lens = [], []
             for i in range(x.shape[0]):
                 n = max(int(lengths[i]), 1)
-                y, out_len = self._convs(x[i : i + 1, :n].unsqueeze(1), lengths[i : i + 1])
+                y, out_len = self._convs_in_chunks(x[i : i + 1, :n], lengths[i : i + 1])
                 parts.append(F.pad(y, (0, 0, 0, t_out - y.shape[2])))
                 lens.append(out_len)
             x, lengths = torch.cat(parts), torch.cat(lens)
         b, c, t, f = x.shape
         return self.out(x.transpose(1, 2).reshape(b, t, c * f)), lengths  # [B, T', d_model]
+
+    CHUNK_FRAMES = 2048  # inference: longer inputs go through the convs in pieces of this many frames
+
+    def _convs_in_chunks(self, x: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """One item [1, T, F] through the convs, in time pieces when T is long (a 77 s clip's first conv
+        output alone is 250 MB at 256 channels). Each piece starts on the output grid (a multiple of
+        the subsampling factor) and carries a halo of `halo` output frames on both sides, which are
+        dropped: only the outermost output frame of a piece sees the piece's edge, so the kept frames
+        are those of the whole-input computation."""
+        t = x.shape[1]
+        if t <= self.CHUNK_FRAMES:
+            return self._convs(x.unsqueeze(1), lengths)
+        factor, halo = 2 ** self.num_stages, 4
+        t_out = int(calc_subsampled_length(torch.tensor(t), self.num_stages))
+        step = self.CHUNK_FRAMES // factor  # output frames kept per piece
+        pieces = []
+        for j0 in range(0, t_out, step):
+            j1 = min(j0 + step, t_out)
+            start = max(0, (j0 - halo) * factor)
+            stop = min(t, (j1 + halo) * factor)
+            y, _ = self._convs(x[:, start:stop].unsqueeze(1), lengths - start)
+            pieces.append(y[:, :, j0 - start // factor : j1 - start // factor])
+        return torch.cat(pieces, dim=2), calc_subsampled_length(lengths, self.num_stages)
 
     def _convs(self, x: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         # x: [B, 1, T, F] -> [B, C, T', F']; without autograd, masks and ReLUs work in place (after
