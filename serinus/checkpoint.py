@@ -141,6 +141,15 @@ def rename(name: str, to_nemo: bool = False) -> str:
     return name
 
 
+def _state_dict_of(state, where: str) -> dict:
+    """The state dict a loaded checkpoint holds (Lightning nests it under "state_dict")."""
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{where}: expected a state dict, found {type(state).__name__}")
+    return state
+
+
 def read_weights(path, where: str | None = None) -> dict:
     """torch.load with weights_only=True: tensors and plain containers only, never pickled code.
     `path`: a file path (memory-mapped) or an open binary file; `where` names it in errors."""
@@ -163,11 +172,7 @@ def read_weights(path, where: str | None = None) -> dict:
         ) from e
     except Exception as e:  # truncated or not a torch file
         raise CheckpointError(f"{where}: not a readable torch weights file: {e}") from e
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{where}: expected a state dict, found {type(state).__name__}")
-    return state
+    return _state_dict_of(state, where)
 
 
 def read_archive_weights(path: Path, name: str) -> dict:
@@ -248,10 +253,7 @@ def read_weights_lazily(fileobj, where: str) -> dict:
                               f"{str(e).splitlines()[0]}") from e
     except Exception as e:
         raise CheckpointError(f"{where}: not a readable torch weights file: {e}") from e
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{where}: expected a state dict, found {type(state).__name__}")
+    state = _state_dict_of(state, where)
     out = {}
     for name, t in state.items():
         if isinstance(t, torch.Tensor):
@@ -298,11 +300,9 @@ def ctc_to_serinus_state_dict(state: dict) -> dict:
     return out
 
 
-def load_state(module, state: dict, where: str, assign: bool = False) -> None:
-    """load_state_dict(strict) with an error naming every missing or unexpected key. `assign`: the
-    module takes the given tensors as its own (no copy; for a module built on the meta device)."""
-    import torch
-
+def check_state(module, state: dict, where: str) -> None:
+    """An error naming every missing or unexpected key, or a wrong shape, of `state` for `module`
+    (values: tensors, or anything with a `.shape`, such as a LazyTensor)."""
     expected = module.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -318,19 +318,38 @@ def load_state(module, state: dict, where: str, assign: bool = False) -> None:
             raise CheckpointError(
                 f"{where}: weight {key} has shape {tuple(value.shape)}, the config implies {tuple(expected[key].shape)}"
             )
-    if not assign:
-        with torch.no_grad():
-            module.load_state_dict(state, strict=True)
-        return
-    shared = {}  # parameters one module object shares between names (e.g. untied=False position biases)
+
+
+def _shared_parameters(module) -> list[list[str]]:
+    """Names of parameters one module object shares between names (e.g. untie_biases=False position biases)."""
+    shared = {}
     for name, param in module.named_parameters(remove_duplicate=False):
         shared.setdefault(id(param), []).append(name)
-    module.load_state_dict(state, strict=True, assign=True)
-    for names in shared.values():
+    return [names for names in shared.values() if len(names) > 1]
+
+
+def _retie(module, shared: list[list[str]]) -> None:
+    """Make every name of each group point at its first parameter again (assign replaced them)."""
+    for names in shared:
         first = module.get_parameter(names[0])
         for name in names[1:]:
             owner, _, attr = name.rpartition(".")
             setattr(module.get_submodule(owner), attr, first)
+
+
+def load_state(module, state: dict, where: str, assign: bool = False) -> None:
+    """load_state_dict(strict) with an error naming every missing or unexpected key. `assign`: the
+    module takes the given tensors as its own (no copy; for a module built on the meta device)."""
+    import torch
+
+    check_state(module, state, where)
+    if not assign:
+        with torch.no_grad():
+            module.load_state_dict(state, strict=True)
+        return
+    shared = _shared_parameters(module)
+    module.load_state_dict(state, strict=True, assign=True)
+    _retie(module, shared)
 
 
 def build_loaded(make, state: dict, where: str, dtype: str = "float32"):
@@ -361,15 +380,8 @@ def _load_quantizing(model, state: dict, where: str) -> None:
     from torch import nn
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    bad_shape = [k for k in state if k in expected and tuple(state[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or bad_shape:
-        load_state(model, {k: real(v) for k, v in state.items()}, where, assign=True)  # its error names them
-    shared = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        shared.setdefault(id(param), []).append(name)
+    check_state(model, state, where)
+    shared = _shared_parameters(model)
     for name in [n for n, _ in model.named_modules()]:  # names only: a list of modules would keep
         module = model.get_submodule(name)              # every float32 Linear alive to the end
         prefix = name + "." if name else ""
@@ -382,12 +394,7 @@ def _load_quantizing(model, state: dict, where: str) -> None:
             owner, _, attr = name.rpartition(".")
             setattr(model.get_submodule(owner) if owner else model, attr, DynamicLinear.from_float(module))
         del module, own
-    for names in shared.values():  # parameters one module object shares between names
-        if len(names) > 1 and all(n.rpartition(".")[0] for n in names):
-            first = model.get_parameter(names[0])
-            for n in names[1:]:
-                owner, _, attr = n.rpartition(".")
-                setattr(model.get_submodule(owner), attr, first)
+    _retie(model, shared)
 
 
 def _extract_small_members(path: Path, dest: str) -> tuple[Path, set[str]]:
@@ -436,9 +443,11 @@ def load_nemo(path: str | os.PathLike, device="cpu", dtype: str = "float32"):
                 aligner_tokenizer = load_tokenizer(aligner_cfg["tokenizer"], nemo_resolver(root))
             except (KeyError, ValueError, OSError) as e:
                 raise CheckpointError(f"{path}: cannot load the packed CTC aligner ({ALIGNER_CONFIG_FILE}): {e}") from e
-    lazy = dtype == "int8"  # stream the weights, quantising as they arrive
-    state = nemo_to_serinus_state_dict((lazy and read_archive_weights_lazily(path, WEIGHTS_FILE))
-                                       or read_archive_weights(path, WEIGHTS_FILE))
+    # int8 streams the weights and quantises them as they arrive (an uncompressed archive only)
+    weights = read_archive_weights_lazily(path, WEIGHTS_FILE) if dtype == "int8" else None
+    if weights is None:
+        weights = read_archive_weights(path, WEIGHTS_FILE)
+    state = nemo_to_serinus_state_dict(weights)
     if config.aligner is not None:
         aligner_state = ctc_to_serinus_state_dict(read_archive_weights(path, ALIGNER_WEIGHTS_FILE))
         state.update({f"aligner.{k}": v for k, v in aligner_state.items()})

@@ -153,14 +153,17 @@ class ConvSubsampling(nn.Module):
         # x: [B, 1, T, F] -> [B, C, T', F']; without autograd, masks and ReLUs work in place (after
         # the first layer, whose input is the caller's tensor) so no activation is held twice
         in_place = not torch.is_grad_enabled()
-        for i, layer in enumerate(self.conv):
+
+        def masked(x: Tensor, lengths: Tensor, own: bool) -> Tensor:
             mask = time_mask(lengths, x.shape[2])[:, None, :, None].to(x.dtype)
-            x = x.mul_(mask) if in_place and i > 0 else x * mask
+            return x.mul_(mask) if in_place and own else x * mask
+
+        for i, layer in enumerate(self.conv):
+            x = masked(x, lengths, own=i > 0)
             x = x.relu_() if in_place and isinstance(layer, nn.ReLU) else layer(x)
             if isinstance(layer, nn.Conv2d) and layer.stride[0] > 1:
                 lengths = calc_subsampled_length(lengths, 1)
-        x = x.mul_(time_mask(lengths, x.shape[2])[:, None, :, None].to(x.dtype)) if in_place else \
-            x * time_mask(lengths, x.shape[2])[:, None, :, None].to(x.dtype)
+        x = masked(x, lengths, own=True)
         return x, lengths
 
 
