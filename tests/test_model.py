@@ -193,3 +193,11 @@ def test_subsampling_inference_path_matches_training_path():
         out, out_len = sub(x, lengths)
     assert torch.equal(out_len, ref_len)
     torch.testing.assert_close(out, ref.detach(), rtol=1e-5, atol=1e-5)
+    # a batch of one (a long clip decoded alone) takes the pieces too: count the conv calls
+    calls = []
+    first = sub.conv[0].register_forward_hook(lambda *_: calls.append(1))
+    with torch.inference_mode():
+        out1, out1_len = sub(x[:1], lengths[:1])
+    first.remove()
+    assert len(calls) > 1 and torch.equal(out1_len, ref_len[:1])
+    torch.testing.assert_close(out1, ref[:1].detach(), rtol=1e-5, atol=1e-5)

@@ -152,3 +152,27 @@ def test_ctc_counts_only_transcription_rows_and_follows_its_schedule(tmp_path):
     assert abs(task.ctc_weight(0.3) - 0.6) < 1e-9
     task.step = 50
     assert task.ctc_weight(0.3) == 0.3
+
+
+def test_char_tokenizer_build(tmp_path):
+    """tokenizer.type=char builds one piece per character of the training text (no merges)."""
+    cfg = small(tmp_path, "tokenizer.type=char", "tokenizer.vocab_size=200")
+    tok = T.build_tokenizer(cfg)
+    import sentencepiece as spm
+
+    sub = next((tmp_path / "tok" / "en").glob("*/tokenizer.model"))
+    pieces = [p.lstrip("▁") for p in (spm.SentencePieceProcessor(model_file=str(sub)).id_to_piece(i)
+                                         for i in range(spm.SentencePieceProcessor(model_file=str(sub)).get_piece_size()))]
+    assert all(len(p) <= 1 or p.startswith("<") for p in pieces)
+    text = "The chairs are new."
+    ids = tok.text_to_ids(text, "en")
+    assert tok.ids_to_text(ids).strip() == text and len(ids) >= len(text.replace(" ", ""))
+    with pytest.raises(T.ConfigError, match="tokenizer.type"):
+        small(tmp_path / "bad", "tokenizer.type=wordpiece")
+
+
+def test_tokenizer_is_built_into_the_run_folder_by_default(tmp_path):
+    cfg = small(tmp_path, "tokenizer.dir=null", "tokenizer.type=char")
+    T.build_tokenizer(cfg)
+    assert cfg["tokenizer"]["dir"] == str(tmp_path / "tokenizer")
+    assert (tmp_path / "tokenizer" / "spl_tokens").is_dir() and (tmp_path / "tokenizer" / "en").is_dir()

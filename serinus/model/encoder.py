@@ -109,8 +109,10 @@ class ConvSubsampling(nn.Module):
 
     def forward(self, x: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         """x [B, T, F] features, lengths [B] -> [B, T', d_model], lengths [B]."""
-        if torch.is_grad_enabled() or x.shape[0] == 1:
+        if torch.is_grad_enabled():
             x, lengths = self._convs(x.unsqueeze(1), lengths)
+        elif x.shape[0] == 1:
+            x, lengths = self._convs_in_chunks(x, lengths)
         else:
             # Inference: one item at a time, each cut to its own length, so the widest activation
             # ([C, T/2, F/2]: 390 MB for 4 x 30 s at 256 channels) is held for one item, not the whole

@@ -46,8 +46,12 @@ DEFAULTS = {
     "tokenizer": {
         "dir": None,  # a folder written by `serinus tokenizer` (spl_tokens/ + <lang>/, or tokenizer.model)
         "from_checkpoint": None,  # a .nemo file or Serinus model folder whose tokenizer to use
-        "vocab_size": None,  # build `dir` when it does not exist yet, from train_ds's text: spl_tokens + one
-                             # BPE of this size per target language (aed), or one BPE (ctc)
+        "vocab_size": None,  # build `dir` (default: OUT_DIR/tokenizer) when it does not exist yet, from
+                             # train_ds's text: spl_tokens + one model of this size per target language
+                             # (aed), or one (ctc)
+        "type": "bpe",  # SentencePiece model type of that build (NeMo's spe_type): bpe, unigram, char
+                        # (char: vocab_size is then only an upper bound; on little data CTC learns
+                        # characters far faster than BPE pieces, docs/training.md)
         "langs": None,  # or an ordered mapping {spl_tokens: DIR, en: DIR, ...}: NeMo's aggregate tokenizer, with
                         # ids in this order (NeMo's model.tokenizer.langs); each DIR holds a tokenizer.model
     },
@@ -170,6 +174,8 @@ def _check_values(cfg: dict) -> None:
     accumulate = cfg["trainer"]["accumulate_grad_batches"]
     if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
         raise ConfigError(f"trainer.accumulate_grad_batches must be an integer >= 1, got {accumulate!r}")
+    if cfg["tokenizer"]["type"] not in ("bpe", "unigram", "char"):
+        raise ConfigError(f"tokenizer.type must be bpe, unigram or char, got {cfg['tokenizer']['type']!r}")
     langs = cfg["tokenizer"]["langs"]
     if langs is not None and (not isinstance(langs, dict) or "spl_tokens" not in langs
                               or not all(isinstance(v, str) for v in langs.values())):

@@ -88,20 +88,24 @@ def build_tokenizer(cfg: dict, rt: Runtime | None = None):
         from serinus.train.nemo_config import langs_tokenizer
 
         return langs_tokenizer(tok["langs"])
+    if not tok["dir"] and tok.get("vocab_size") and not tok["from_checkpoint"] and not cfg["init_from"]["path"]:
+        tok["dir"] = str(Path(cfg["trainer"]["out_dir"]) / "tokenizer")  # built into the run folder
     if tok["dir"] and tok.get("vocab_size") and not Path(tok["dir"]).exists():
         if rt is not None and rt.distributed:
             raise ConfigError("tokenizer.vocab_size: build the tokenizer before a torchrun job (run once without it)")
-        train_tokenizer(cfg, Path(tok["dir"]), int(tok["vocab_size"]))
+        train_tokenizer(cfg, Path(tok["dir"]), int(tok["vocab_size"]), str(tok.get("type") or "bpe"))
         if rt is not None:
-            rt.log(f"tokenizer: built {tok['dir']} from the training text (vocab {tok['vocab_size']} per language)")
+            rt.log(f"tokenizer: built {tok['dir']} from the training text ({tok.get('type') or 'bpe'}, "
+                   f"vocab {tok['vocab_size']} per language)")
     source = tok["dir"] or tok["from_checkpoint"] or cfg["init_from"]["path"]
     if source is None:
         raise ConfigError("no tokenizer: set tokenizer.dir, tokenizer.from_checkpoint or init_from.path")
     return open_tokenizer(str(source))
 
 
-def train_tokenizer(cfg: dict, out: Path, vocab_size: int) -> None:
-    """spl_tokens + one BPE per target language of train_ds (model.type aed), or one BPE (ctc).
+def train_tokenizer(cfg: dict, out: Path, vocab_size: int, spe_type: str = "bpe") -> None:
+    """spl_tokens + one SentencePiece model (`spe_type`: bpe, unigram, char) per target language of
+    train_ds (model.type aed), or one (ctc).
     Written to a temporary folder first, so a failed build leaves no folder that looks complete."""
     from serinus.data.manifest import read_manifest
     from serinus.data.tokenizers import build_special_tokenizer, train_bpe_tokenizer
@@ -118,7 +122,7 @@ def train_tokenizer(cfg: dict, out: Path, vocab_size: int) -> None:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     if cfg["model"]["type"] == "ctc":
-        d = train_bpe_tokenizer([t for ts in texts.values() for t in ts], tmp / "bpe", vocab_size)
+        d = train_bpe_tokenizer([t for ts in texts.values() for t in ts], tmp / "bpe", vocab_size, spe_type=spe_type)
         shutil.move(str(d), str(tmp / "ctc"))
         shutil.rmtree(tmp / "bpe")
         shutil.move(str(tmp / "ctc"), str(out))
@@ -126,7 +130,7 @@ def train_tokenizer(cfg: dict, out: Path, vocab_size: int) -> None:
         return
     build_special_tokenizer(tmp / "spl_tokens", prompt_format=cfg["model"]["prompt_format"])
     for lang, ts in sorted(texts.items()):
-        train_bpe_tokenizer(ts, tmp / lang, vocab_size)
+        train_bpe_tokenizer(ts, tmp / lang, vocab_size, spe_type=spe_type)
     os.replace(tmp, out)
 
 
