@@ -128,7 +128,7 @@ class ConvSubsampling(nn.Module):
         b, c, t, f = x.shape
         return self.out(x.transpose(1, 2).reshape(b, t, c * f)), lengths  # [B, T', d_model]
 
-    CHUNK_FRAMES = 2048  # inference: longer inputs go through the convs in pieces of this many frames
+    CHUNK_FRAMES = 1024  # inference: longer inputs go through the convs in pieces of this many frames
 
     def _convs_in_chunks(self, x: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         """One item [1, T, F] through the convs, in time pieces when T is long (a 77 s clip's first conv
