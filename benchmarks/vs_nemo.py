@@ -162,6 +162,8 @@ def main(argv=None) -> int:
     p.add_argument("--nemo-python", default="/work/nemo_venv/bin/python")
     p.add_argument("--dtypes", default="float32,bfloat16,int8")
     p.add_argument("--json", help="also write every raw measurement here")
+    p.add_argument("--nemo-from", help="reuse NeMo's measurements from an earlier --json file (same machine) "
+                                       "instead of running NeMo again; the table says so")
     p.add_argument("--serinus-side", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.serinus_side:
@@ -178,9 +180,13 @@ def main(argv=None) -> int:
              "b8": dict(task="transcribe", audio=short, batch_size=8),
              "long": dict(task="transcribe", audio=long, batch_size=1)}
     sides = {"nemo": [args.nemo_python, str(REPO / "benchmarks" / "_nemo_side.py"), "time", str(MODEL)]}
+    results: dict = {}
+    if args.nemo_from:  # NeMo's side as measured before: only Serinus runs now
+        earlier = json.loads(Path(args.nemo_from).read_text())["runs"]
+        results = {("nemo", name): earlier[f"nemo:{name}"] for name in tasks}
+        del sides["nemo"]
     for dtype in args.dtypes.split(","):
         sides[dtype] = [sys.executable, str(Path(__file__).resolve()), "--serinus-side"]
-    results: dict = {}
     for side, cmd in sides.items():
         for name, task in tasks.items():
             spec = {**task, "threads": args.threads, "max_generation_delta": 0, "model": str(MODEL), "dtype": side,
@@ -195,6 +201,8 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"floors": floors, "runs": {f"{s}:{n}": r for (s, n), r in results.items()}}))
     print(render(results, floors, short, long, [s for s in sides if s != "nemo"], args.threads))
+    if args.nemo_from:
+        print(f"\nNeMo's column: measured earlier on this machine, reused from {args.nemo_from}")
     return 0
 
 
