@@ -160,9 +160,8 @@ def test_char_tokenizer_build(tmp_path):
     tok = T.build_tokenizer(cfg)
     import sentencepiece as spm
 
-    sub = next((tmp_path / "tok" / "en").glob("*/tokenizer.model"))
-    pieces = [p.lstrip("▁") for p in (spm.SentencePieceProcessor(model_file=str(sub)).id_to_piece(i)
-                                         for i in range(spm.SentencePieceProcessor(model_file=str(sub)).get_piece_size()))]
+    sub = spm.SentencePieceProcessor(model_file=str(next((tmp_path / "tok" / "en").glob("*/tokenizer.model"))))
+    pieces = [sub.id_to_piece(i).lstrip("▁") for i in range(sub.get_piece_size())]
     assert all(len(p) <= 1 or p.startswith("<") for p in pieces)
     text = "The chairs are new."
     ids = tok.text_to_ids(text, "en")

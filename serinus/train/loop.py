@@ -93,9 +93,9 @@ def build_tokenizer(cfg: dict, rt: Runtime | None = None):
     if tok["dir"] and tok.get("vocab_size") and not Path(tok["dir"]).exists():
         if rt is not None and rt.distributed:
             raise ConfigError("tokenizer.vocab_size: build the tokenizer before a torchrun job (run once without it)")
-        train_tokenizer(cfg, Path(tok["dir"]), int(tok["vocab_size"]), str(tok.get("type") or "bpe"))
+        train_tokenizer(cfg, Path(tok["dir"]), int(tok["vocab_size"]), tok["type"])
         if rt is not None:
-            rt.log(f"tokenizer: built {tok['dir']} from the training text ({tok.get('type') or 'bpe'}, "
+            rt.log(f"tokenizer: built {tok['dir']} from the training text ({tok['type']}, "
                    f"vocab {tok['vocab_size']} per language)")
     source = tok["dir"] or tok["from_checkpoint"] or cfg["init_from"]["path"]
     if source is None:
