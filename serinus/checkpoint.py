@@ -337,6 +337,13 @@ def _retie(module, shared: list[list[str]]) -> None:
             setattr(module.get_submodule(owner), attr, first)
 
 
+def pack_linear_layers(model):
+    """The loaded model's Linear layers packed for CPU inference (serinus.precision; a no-op on a GPU)."""
+    from serinus.precision import pack_linear_layers as pack
+
+    return pack(model)
+
+
 def load_state(module, state: dict, where: str, assign: bool = False) -> None:
     """load_state_dict(strict) with an error naming every missing or unexpected key. `assign`: the
     module takes the given tensors as its own (no copy; for a module built on the meta device)."""
@@ -565,11 +572,14 @@ def _resolve(path_or_id: str | os.PathLike) -> tuple[str, Path]:
     raise CheckpointError(f"{name}: no such checkpoint file or folder, and not a Hub id such as {KNOWN_HUB_MODELS[0]}")
 
 
-def load_model(path_or_id: str | os.PathLike, device="cpu", dtype: str = "float32"):
+def load_model(path_or_id: str | os.PathLike, device="cpu", dtype: str = "float32", for_training: bool = False):
     """A `.nemo` file, a Serinus folder (config.json + model.safetensors), or a Hub id. `dtype`:
-    "float32", "bfloat16" (weights and compute) or "int8" (dynamically quantised Linear layers)."""
+    "float32", "bfloat16" (weights and compute) or "int8" (dynamically quantised Linear layers).
+    On a CPU the Linear layers are packed for inference (frozen; serinus.precision) unless
+    `for_training`: then they stay plain nn.Linear layers, to train."""
     kind, path = _resolve(path_or_id)
-    return load_own(path, device, dtype) if kind == "own" else load_nemo(path, device, dtype)
+    model = load_own(path, device, dtype) if kind == "own" else load_nemo(path, device, dtype)
+    return model if for_training else pack_linear_layers(model)
 
 
 # -- CTC models -------------------------------------------------------------------------------
@@ -644,9 +654,10 @@ def save_ctc_model(model, tokenizer, out_dir: str | os.PathLike) -> Path:
     return out
 
 
-def load_ctc_model(path_or_id: str | os.PathLike, device="cpu"):
+def load_ctc_model(path_or_id: str | os.PathLike, device="cpu", for_training: bool = False):
     """A CTCModel with `.tokenizer`, in eval mode, from: a folder written by `save_ctc_model`; a NeMo
-    EncDecCTCModelBPE `.nemo` (or Hub id); or a Canary checkpoint with a packed aligner (its aligner)."""
+    EncDecCTCModelBPE `.nemo` (or Hub id); or a Canary checkpoint with a packed aligner (its aligner).
+    `for_training` as for `load_model`."""
     from safetensors.torch import load_file
 
     from serinus.model.ctc import CTCConfig, CTCModel
@@ -668,7 +679,8 @@ def load_ctc_model(path_or_id: str | os.PathLike, device="cpu"):
             _check_ctc_vocab(cfg, tokenizer, str(path))
             model = CTCModel(cfg, tokenizer)
             load_state(model, load_file(str(path / OWN_WEIGHTS)), str(path))
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    return model if for_training else pack_linear_layers(model)
 
 
 # -- either model type (training: init, checkpoints, resume) -----------------------------------
@@ -691,9 +703,10 @@ def _nemo_target(path: Path) -> str:
     return ""
 
 
-def load_any(path_or_id: str | os.PathLike, device="cpu"):
-    """A CanaryModel or a CTCModel, whichever the checkpoint holds."""
-    return load_ctc_model(path_or_id, device) if model_type(path_or_id) == "ctc" else load_model(path_or_id, device)
+def load_any(path_or_id: str | os.PathLike, device="cpu", for_training: bool = True):
+    """A CanaryModel or a CTCModel, whichever the checkpoint holds (plain, trainable layers by default)."""
+    load = load_ctc_model if model_type(path_or_id) == "ctc" else load_model
+    return load(path_or_id, device, for_training=for_training)
 
 
 def save_any(model, out_dir: str | os.PathLike) -> Path:

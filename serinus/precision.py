@@ -5,6 +5,11 @@ int8 weights with per-step int8 activations (torch's dynamic quantisation; its x
 AVX-512 VNNI / AMX where present); the front end, convolutions, norms and attention stay float32.
 bfloat16 runs everything after the front end in bf16; on a CPU this only pays with native bf16
 instructions (AVX-512 BF16 or AMX), so it is refused on CPUs without them.
+
+On a CPU, float32 and bfloat16 Linear layers are also repacked for inference (`pack_linear_layers`):
+their weights are kept in oneDNN's blocked layout and run through its matmul, which measured 2-2.5x
+faster than torch's default (MKL) float32 path for one decoder row and for 1,500 encoder frames alike,
+with the same memory and float32 results equal to rounding (same values, another summation order).
 """
 
 from __future__ import annotations
@@ -52,6 +57,79 @@ def set_dtype(model: nn.Module, dtype: str) -> nn.Module:
         return model.to(torch.bfloat16)  # the front end keeps float32 itself (LogMel._apply)
     if dtype == "int8":
         return quantize_int8(model)
+    return model
+
+
+def onednn_packing_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+class PackedLinear(nn.Module):
+    """An inference-time nn.Linear whose CPU weight lives in oneDNN's blocked layout (packed once
+    instead of on every call). state_dict(), load_state_dict() and `.weight` see the ordinary dense
+    weight, so saving and exporting are unchanged; moved to another device or dtype it repacks, or
+    keeps a dense weight where oneDNN does not apply. Its weight is frozen: training refuses it."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.training = linear.training
+        self.bias = linear.bias
+        self._set_weight(linear.weight.detach())
+
+    def _set_weight(self, dense: torch.Tensor) -> None:
+        packable = dense.device.type == "cpu" and dense.dtype in (torch.float32, torch.bfloat16)
+        self._weight = torch.ops.mkldnn._reorder_linear_weight(dense.contiguous()) if packable else dense
+        self._packed = packable
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._weight.to_dense() if self._packed else self._weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            raise RuntimeError("this model was loaded for inference (its Linear weights are packed for the CPU "
+                               "and frozen); to train it, load it with from_pretrained(..., for_training=True)")
+        if self._packed and not (torch.is_grad_enabled() and x.requires_grad) and x.dtype == self._weight.dtype:
+            return torch.ops.mkldnn._linear_pointwise(x, self._weight, self.bias, "none", [], "")
+        return torch.nn.functional.linear(x, self.weight, self.bias)  # e.g. gradients to the input
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)  # the bias
+        self._set_weight(fn(self.weight))
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "weight"] = self.weight
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "weight"
+        if key in state_dict:
+            self._set_weight(state_dict[key].detach().to(self.weight.dtype))
+        elif strict:
+            missing_keys.append(key)
+        own = {k: v for k, v in state_dict.items() if k != key}
+        super()._load_from_state_dict(own, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def pack_linear_layers(model: nn.Module) -> nn.Module:
+    """Swap every float32/bf16 nn.Linear of a CPU model in eval mode for a PackedLinear (in place, one
+    layer at a time: the dense weight is freed as its packed copy is made). A no-op where oneDNN is
+    absent, on a GPU, or for int8 models (already quantised)."""
+    if not onednn_packing_available():
+        return model
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear and not child.training and child.weight.device.type == "cpu" \
+                    and child.weight.dtype in (torch.float32, torch.bfloat16):
+                setattr(parent, name, PackedLinear(child))
     return model
 
 

@@ -215,7 +215,8 @@ def test_canary_ctc_head_forward_train_and_reload(tmp_path):
     assert again.cfg == cfg and again.cfg.ctc_weight == 0.3 and again.cfg.spec_augment == src.cfg.spec_augment
     assert torch.equal(again.ctc_head.weight, model.ctc_head.weight)
     with torch.no_grad():
-        assert torch.equal(again.forward_train(audio, lens, tokens, tlens)[1], ctc)
+        # loaded for inference, its Linear layers run packed (oneDNN): equal to rounding
+        torch.testing.assert_close(again.forward_train(audio, lens, tokens, tlens)[1], ctc, rtol=1e-5, atol=1e-5)
     # SpecAugment runs in encode() in training only
     calls = []
     h = model.spec_augment.register_forward_hook(lambda m, i, o: calls.append(not torch.equal(i[0], o)))

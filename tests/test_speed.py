@@ -163,3 +163,52 @@ def test_an_int8_model_is_not_saved(tmp_path):
         m = CanaryModel.from_pretrained(FIXTURES / "tiny_canary2.nemo", dtype="int8")
     with pytest.raises(CheckpointError, match="int8"):
         m.save_pretrained(tmp_path / "out")
+
+
+# -- Linear layers packed for the CPU (oneDNN) ------------------------------------------------
+
+needs_onednn = pytest.mark.skipif(not precision.onednn_packing_available(), reason="no oneDNN in this torch")
+
+
+@needs_onednn
+def test_packed_linear_computes_nn_linear_and_keeps_the_dense_weight():
+    torch.manual_seed(0)
+    for bias in (True, False):
+        dense = torch.nn.Linear(48, 80, bias=bias).eval()
+        packed = precision.PackedLinear(dense)
+        x = torch.randn(3, 5, 48)
+        with torch.inference_mode():
+            torch.testing.assert_close(packed(x), dense(x), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(packed(x[:, :1]), dense(x[:, :1]), rtol=1e-5, atol=1e-5)  # one decoder row
+        state = packed.state_dict()
+        assert set(state) == set(dense.state_dict()) and torch.equal(state["weight"], dense.weight)
+        assert torch.equal(packed.weight, dense.weight)
+        # load_state_dict repacks; gradients still reach the input; training is refused, clearly
+        other = torch.nn.Linear(48, 80, bias=bias)
+        packed.load_state_dict(other.state_dict())
+        assert torch.equal(packed.weight, other.weight)
+        x.requires_grad_(True)
+        packed(x).sum().backward()
+        torch.testing.assert_close(x.grad, other.weight.sum(0).expand_as(x), rtol=1e-5, atol=1e-5)
+        with pytest.raises(RuntimeError, match="for_training=True"):
+            packed.train()(x)
+        # a dtype change repacks (bf16), a device or dtype oneDNN does not pack keeps it dense
+        packed.eval().to(torch.float16)
+        assert packed.weight.dtype == torch.float16 and not packed._packed
+
+
+@needs_onednn
+def test_models_load_packed_for_inference_and_plain_for_training(model, float32_ids, tmp_path):
+    from serinus.checkpoint import load_any
+
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert not linears and any(isinstance(m, precision.PackedLinear) for m in model.modules())
+    # what transcribe() decodes on the packed model is what the plain model decodes
+    plain = CanaryModel.from_pretrained(FIXTURES / "tiny_canary2.nemo", for_training=True)
+    assert not any(isinstance(m, precision.PackedLinear) for m in plain.modules())
+    assert [h.y_sequence for h in plain.eval().transcribe(CLIPS, batch_size=4)] == float32_ids
+    # saving a packed model writes the ordinary weights
+    model.save_pretrained(tmp_path / "m")
+    again = load_any(tmp_path / "m")  # training's loader: plain layers
+    for name, tensor in plain.state_dict().items():
+        assert torch.equal(again.state_dict()[name], tensor), name

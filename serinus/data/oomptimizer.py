@@ -177,7 +177,7 @@ def _load_model_for(args) -> CanaryModel:
         if "decoder" in cfg and isinstance(cfg["decoder"], dict) and "hidden_size" in cfg["decoder"]:
             return CanaryModel(CanaryConfig.from_dict(cfg))
         return CanaryModel(CanaryConfig.from_nemo(cfg, args.vocab_size))
-    return CanaryModel.from_pretrained(args.config)
+    return CanaryModel.from_pretrained(args.config, for_training=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -201,7 +201,9 @@ class CanaryModel(nn.Module):
     @classmethod
     def from_pretrained(cls, path_or_id: str, device: str | torch.device = "cpu", **kwargs) -> "CanaryModel":
         """Load a `.nemo` file, a folder written by `save_pretrained`, or a Hub id such as
-        `nvidia/canary-1b-v2` (downloaded once into the Hugging Face cache)."""
+        `nvidia/canary-1b-v2` (downloaded once into the Hugging Face cache). Keywords: `dtype`
+        ("float32", "bfloat16", "int8"); `for_training=True` to train the loaded model (otherwise its
+        Linear layers are packed for CPU inference and frozen)."""
         from serinus.checkpoint import load_model
 
         return load_model(path_or_id, device=device, **kwargs)
