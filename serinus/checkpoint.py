@@ -337,6 +337,12 @@ def _retie(module, shared: list[list[str]]) -> None:
             setattr(module.get_submodule(owner), attr, first)
 
 
+def _on_cpu(device) -> bool:
+    import torch
+
+    return torch.device(device).type == "cpu"
+
+
 def pack_linear_layers(model):
     """The loaded model's Linear layers packed for CPU inference (serinus.precision; a no-op on a GPU)."""
     from serinus.precision import pack_linear_layers as pack
@@ -359,33 +365,38 @@ def load_state(module, state: dict, where: str, assign: bool = False) -> None:
     _retie(module, shared)
 
 
-def build_loaded(make, state: dict, where: str, dtype: str = "float32"):
+def build_loaded(make, state: dict, where: str, dtype: str = "float32", pack: bool = False):
     """`make()` built on the meta device, then given `state` as its weights (assign: no copy, no random
-    init; the derived buffers, filterbank and position tables, are made on the CPU even there); then `dtype`."""
+    init; the derived buffers, filterbank and position tables, are made on the CPU even there); then `dtype`;
+    then, with `pack`, its Linear layers packed for CPU inference (serinus.precision)."""
     import torch
 
-    from serinus.precision import set_dtype
+    from serinus.precision import PackedLinear, pack_linear_layers, quantize_linear_int8, set_dtype
 
     with torch.device("meta"):
         model = make()
-    if dtype == "int8" and any(isinstance(v, LazyTensor) for v in state.values()):
-        _load_quantizing(model, state, where)
+    lazy = any(isinstance(v, LazyTensor) for v in state.values())
+    if lazy and dtype == "int8":
+        _load_streaming(model, state, where, quantize_linear_int8)
+    elif lazy and pack:
+        to_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+        _load_streaming(model, state, where, lambda linear: PackedLinear(linear.to(to_dtype)))
     else:
         load_state(model, {k: real(v) for k, v in state.items()}, where, assign=True)
     del state
     left = [name for name, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise CheckpointError(f"{where}: {', '.join(left[:5])} neither loaded nor computed")
-    return set_dtype(model.eval(), dtype)
+    model = set_dtype(model.eval(), dtype)
+    return pack_linear_layers(model) if pack else model
 
 
-def _load_quantizing(model, state: dict, where: str) -> None:
-    """Give a meta-device `model` its weights module by module, quantising each Linear layer (int8,
-    dynamic) as soon as it holds its float32 weights: only one float32 weight matrix is in memory at
-    a time, so loading peaks near the int8 model's size, not the float32 one's."""
-    import torch
+def _load_streaming(model, state: dict, where: str, convert) -> None:
+    """Give a meta-device `model` its weights module by module, replacing each Linear layer by
+    `convert(layer)` (int8-quantised, or packed for the CPU) as soon as it holds its float32 weights:
+    only one float32 weight matrix is in memory at a time, so loading peaks near the converted
+    model's size, not at the float32 model plus its converted copy."""
     from torch import nn
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
     check_state(model, state, where)
     shared = _shared_parameters(model)
@@ -397,9 +408,8 @@ def _load_quantizing(model, state: dict, where: str) -> None:
         if own:
             module.load_state_dict(own, strict=False, assign=True)
         if type(module) is nn.Linear and name:
-            module.qconfig = torch.ao.quantization.default_dynamic_qconfig
             owner, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(owner) if owner else model, attr, DynamicLinear.from_float(module))
+            setattr(model.get_submodule(owner) if owner else model, attr, convert(module))
         del module, own
     _retie(model, shared)
 
@@ -414,8 +424,9 @@ def _extract_small_members(path: Path, dest: str) -> tuple[Path, set[str]]:
     return root, names
 
 
-def load_nemo(path: str | os.PathLike, device="cpu", dtype: str = "float32"):
-    """Load a NeMo `.nemo` Canary checkpoint (and its packed CTC aligner, if any)."""
+def load_nemo(path: str | os.PathLike, device="cpu", dtype: str = "float32", pack: bool = False):
+    """Load a NeMo `.nemo` Canary checkpoint (and its packed CTC aligner, if any); `pack`: its Linear
+    layers packed for CPU inference (on a CPU only)."""
     import tempfile
 
     import yaml
@@ -450,15 +461,16 @@ def load_nemo(path: str | os.PathLike, device="cpu", dtype: str = "float32"):
                 aligner_tokenizer = load_tokenizer(aligner_cfg["tokenizer"], nemo_resolver(root))
             except (KeyError, ValueError, OSError) as e:
                 raise CheckpointError(f"{path}: cannot load the packed CTC aligner ({ALIGNER_CONFIG_FILE}): {e}") from e
-    # int8 streams the weights and quantises them as they arrive (an uncompressed archive only)
-    weights = read_archive_weights_lazily(path, WEIGHTS_FILE) if dtype == "int8" else None
+    # int8 and packing stream the weights and convert them as they arrive (an uncompressed archive only)
+    pack = pack and _on_cpu(device)
+    weights = read_archive_weights_lazily(path, WEIGHTS_FILE) if dtype == "int8" or pack else None
     if weights is None:
         weights = read_archive_weights(path, WEIGHTS_FILE)
     state = nemo_to_serinus_state_dict(weights)
     if config.aligner is not None:
         aligner_state = ctc_to_serinus_state_dict(read_archive_weights(path, ALIGNER_WEIGHTS_FILE))
         state.update({f"aligner.{k}": v for k, v in aligner_state.items()})
-    model = build_loaded(lambda: CanaryModel(config, tokenizer, aligner_tokenizer), state, str(path), dtype)
+    model = build_loaded(lambda: CanaryModel(config, tokenizer, aligner_tokenizer), state, str(path), dtype, pack)
     return model.to(device)
 
 
@@ -502,7 +514,7 @@ def save_model(model, out_dir: str | os.PathLike) -> Path:
     return out
 
 
-def load_own(path: str | os.PathLike, device="cpu", dtype: str = "float32"):
+def load_own(path: str | os.PathLike, device="cpu", dtype: str = "float32", pack: bool = False):
     from safetensors.torch import load_file
 
     from serinus.model.canary import CanaryConfig, CanaryModel
@@ -521,7 +533,7 @@ def load_own(path: str | os.PathLike, device="cpu", dtype: str = "float32"):
         aligner_tokenizer = load_tokenizer(config["aligner_tokenizer"], lambda p: root / "aligner_tokenizer" / p)
     cfg = CanaryConfig.from_dict(config["model"])
     model = build_loaded(lambda: CanaryModel(cfg, tokenizer, aligner_tokenizer), load_file(str(root / OWN_WEIGHTS)),
-                         str(root), dtype)
+                         str(root), dtype, pack and _on_cpu(device))
     return model.to(device)
 
 
@@ -578,8 +590,8 @@ def load_model(path_or_id: str | os.PathLike, device="cpu", dtype: str = "float3
     On a CPU the Linear layers are packed for inference (frozen; serinus.precision) unless
     `for_training`: then they stay plain nn.Linear layers, to train."""
     kind, path = _resolve(path_or_id)
-    model = load_own(path, device, dtype) if kind == "own" else load_nemo(path, device, dtype)
-    return model if for_training else pack_linear_layers(model)
+    load = load_own if kind == "own" else load_nemo
+    return load(path, device, dtype, pack=not for_training)
 
 
 # -- CTC models -------------------------------------------------------------------------------

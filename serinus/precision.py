@@ -64,6 +64,17 @@ def onednn_packing_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
+def unpacked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear; on a CPU without autograd, through oneDNN with the weight as it is (for a weight that
+    has another use too, such as the output head tied to the token embedding): about 2.5x faster than
+    the default float32 path for a few rows on this project's CPU, and no packed copy to hold."""
+    if (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.dtype == weight.dtype
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            and onednn_packing_available()):
+        return torch.ops.mkldnn._linear_pointwise(x, weight.contiguous(), bias, "none", [], "")
+    return torch.nn.functional.linear(x, weight, bias)
+
+
 class PackedLinear(nn.Module):
     """An inference-time nn.Linear whose CPU weight lives in oneDNN's blocked layout (packed once
     instead of on every call). state_dict(), load_state_dict() and `.weight` see the ordinary dense
@@ -96,7 +107,9 @@ class PackedLinear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)  # the bias
-        self._set_weight(fn(self.weight))
+        probe = fn(torch.empty(0, dtype=self._weight.dtype, device=self._weight.device))
+        if (probe.dtype, probe.device) != (self._weight.dtype, self._weight.device):  # else: nothing to redo
+            self._set_weight(fn(self.weight))
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -131,6 +144,14 @@ def pack_linear_layers(model: nn.Module) -> nn.Module:
                     and child.weight.dtype in (torch.float32, torch.bfloat16):
                 setattr(parent, name, PackedLinear(child))
     return model
+
+
+def quantize_linear_int8(linear: nn.Linear) -> nn.Module:
+    """One float32 Linear layer, dynamically quantised (int8 weights)."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    linear.qconfig = torch.ao.quantization.default_dynamic_qconfig
+    return DynamicLinear.from_float(linear)
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from serinus.precision import unpacked_linear
+
 NEG_INF = -10000.0  # NeMo's additive mask value
 
 
@@ -199,7 +201,7 @@ class TransformerDecoder(nn.Module):
     def logits(self, x: Tensor) -> Tensor:
         if self.quantized_head is not None:
             return self.quantized_head(self.final_norm(x))
-        return F.linear(self.final_norm(x), self.token_embedding.weight, self.head_bias)
+        return unpacked_linear(self.final_norm(x), self.token_embedding.weight, self.head_bias)
 
     def forward(
         self,
