@@ -8,8 +8,9 @@ instructions (AVX-512 BF16 or AMX), so it is refused on CPUs without them.
 
 On a CPU, float32 and bfloat16 Linear layers are also repacked for inference (`pack_linear_layers`):
 their weights are kept in oneDNN's blocked layout and run through its matmul, which measured 2-2.5x
-faster than torch's default (MKL) float32 path for one decoder row and for 1,500 encoder frames alike,
-with the same memory and float32 results equal to rounding (same values, another summation order).
+faster than torch's default (MKL) float32 path on this project's AMD CPU, for one decoder row and for
+1,500 encoder frames alike, with the same memory and float32 results equal to rounding (the same
+values, summed in another order).
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ class PackedLinear(nn.Module):
         self._set_weight(linear.weight.detach())
 
     def _set_weight(self, dense: torch.Tensor) -> None:
-        packable = dense.device.type == "cpu" and dense.dtype in (torch.float32, torch.bfloat16)
+        packable = (dense.device.type == "cpu" and dense.dtype in (torch.float32, torch.bfloat16)
+                    and onednn_packing_available())
         self._weight = torch.ops.mkldnn._reorder_linear_weight(dense.contiguous()) if packable else dense
         self._packed = packable
 
@@ -121,7 +123,7 @@ class PackedLinear(nn.Module):
                               error_msgs):
         key = prefix + "weight"
         if key in state_dict:
-            self._set_weight(state_dict[key].detach().to(self.weight.dtype))
+            self._set_weight(state_dict[key].detach().to(self._weight.dtype))
         elif strict:
             missing_keys.append(key)
         own = {k: v for k, v in state_dict.items() if k != key}

@@ -160,8 +160,8 @@ class ConvSubsampling(nn.Module):
             mask = time_mask(lengths, x.shape[2])[:, None, :, None].to(x.dtype)
             return x.mul_(mask) if in_place and own else x * mask
 
-        # channels-last (NHWC) activations and weights: oneDNN's convs run 2-3x faster so on a CPU,
-        # forward and backward alike (the weights are tiny; converting them per call costs nothing)
+        # channels-last (NHWC) activations and weights: oneDNN's convs run 2-3x faster that way on a
+        # CPU, forward and backward alike (the weights are tiny; converting them per call costs nothing)
         x = x.contiguous(memory_format=torch.channels_last)
         for i, layer in enumerate(self.conv):
             x = masked(x, lengths, own=i > 0)
@@ -192,7 +192,7 @@ def rel_shift(x: Tensor) -> Tensor:
     """Turn scores against relative positions [B, H, T, 2T-1] (positions T-1 ... -(T-1)) into per-key
     scores [B, H, T, T]: query i, key j reads relative position i - j, at index T-1-i+j. That is
     Transformer-XL's pad-and-reshape shift (NeMo's rel_shift followed by [..., :T]), taken here as a
-    strided view of `x` (row i starts one element earlier than row i-1 would): no copy."""
+    strided view of `x` (query row i starts at column T-1-i of its row of `x`): no copy."""
     b, h, t, p = x.shape
     x = x.contiguous()
     s_b, s_h, s_t, _ = x.stride()
@@ -226,7 +226,7 @@ class RelPositionMultiHeadAttention(nn.Module):
         q_v = (q + v).transpose(1, 2)
         scale = 1.0 / math.sqrt(d)
         # position term, added to the content term inside SDPA as an additive bias; one pass over
-        # [B, H, T, T] (the shift is a view, scale and mask are applied together)
+        # [B, H, T, T] (the shift is a view; masked scores get NeMo's additive -10000)
         bias = torch.where(mask, rel_shift(torch.matmul(q_v * scale, p.transpose(-2, -1))), -10000.0)
         out = F.scaled_dot_product_attention(
             q_u, k, val, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0, scale=scale
