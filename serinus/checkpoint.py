@@ -343,13 +343,6 @@ def _on_cpu(device) -> bool:
     return torch.device(device).type == "cpu"
 
 
-def pack_linear_layers(model):
-    """The loaded model's Linear layers packed for CPU inference (serinus.precision; a no-op on a GPU)."""
-    from serinus.precision import pack_linear_layers as pack
-
-    return pack(model)
-
-
 def load_state(module, state: dict, where: str, assign: bool = False) -> None:
     """load_state_dict(strict) with an error naming every missing or unexpected key. `assign`: the
     module takes the given tensors as its own (no copy; for a module built on the meta device)."""
@@ -673,6 +666,7 @@ def load_ctc_model(path_or_id: str | os.PathLike, device="cpu", for_training: bo
     from safetensors.torch import load_file
 
     from serinus.model.ctc import CTCConfig, CTCModel
+    from serinus.precision import pack_linear_layers
     from serinus.tokenizer import load_tokenizer
 
     kind, path = _resolve(path_or_id)

@@ -65,13 +65,18 @@ def onednn_packing_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
+def _onednn_linear_applies(weight: torch.Tensor) -> bool:
+    """oneDNN's CPU matmul takes this weight (float32 or bf16, on the CPU, oneDNN present)."""
+    return (weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
+            and onednn_packing_available())
+
+
 def unpacked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """F.linear; on a CPU without autograd, through oneDNN with the weight as it is (for a weight that
     has another use too, such as the output head tied to the token embedding): about 2.5x faster than
     the default float32 path for a few rows on this project's CPU, and no packed copy to hold."""
-    if (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.dtype == weight.dtype
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            and onednn_packing_available()):
+    if (_onednn_linear_applies(weight) and x.device.type == "cpu" and x.dtype == weight.dtype
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
         return torch.ops.mkldnn._linear_pointwise(x, weight.contiguous(), bias, "none", [], "")
     return torch.nn.functional.linear(x, weight, bias)
 
@@ -90,8 +95,7 @@ class PackedLinear(nn.Module):
         self._set_weight(linear.weight.detach())
 
     def _set_weight(self, dense: torch.Tensor) -> None:
-        packable = (dense.device.type == "cpu" and dense.dtype in (torch.float32, torch.bfloat16)
-                    and onednn_packing_available())
+        packable = _onednn_linear_applies(dense)
         self._weight = torch.ops.mkldnn._reorder_linear_weight(dense.contiguous()) if packable else dense
         self._packed = packable
 
@@ -138,12 +142,9 @@ def pack_linear_layers(model: nn.Module) -> nn.Module:
     """Swap every float32/bf16 nn.Linear of a CPU model in eval mode for a PackedLinear (in place, one
     layer at a time: the dense weight is freed as its packed copy is made). A no-op where oneDNN is
     absent, on a GPU, or for int8 models (already quantised)."""
-    if not onednn_packing_available():
-        return model
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear and not child.training and child.weight.device.type == "cpu" \
-                    and child.weight.dtype in (torch.float32, torch.bfloat16):
+            if type(child) is nn.Linear and not child.training and _onednn_linear_applies(child.weight):
                 setattr(parent, name, PackedLinear(child))
     return model
 

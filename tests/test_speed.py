@@ -192,7 +192,7 @@ def test_packed_linear_computes_nn_linear_and_keeps_the_dense_weight():
         torch.testing.assert_close(x.grad, other.weight.sum(0).expand_as(x), rtol=1e-5, atol=1e-5)
         with pytest.raises(RuntimeError, match="for_training=True"):
             packed.train()(x)
-        # a dtype change repacks (bf16), a device or dtype oneDNN does not pack keeps it dense
+        # moved to a dtype oneDNN does not take (float16), it keeps a dense weight
         packed.eval().to(torch.float16)
         assert packed.weight.dtype == torch.float16 and not packed._packed
 
