@@ -5,6 +5,7 @@ TensorBoard events and the progress bar, a SIGKILLed run resumes to the same wei
 torchrun with 2 CPU processes (gloo) follows the single-process curve."""
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -79,9 +80,10 @@ def test_lr_schedule_is_nemos():
     recorded = json.loads((Path(__file__).parent / "data" / "nemo_lr_schedule.json").read_text())
     model = torch.nn.Linear(2, 2)
     for s in recorded["settings"]:
+        schedule = {"CosineAnnealing": "cosine"}.get(s.get("name"), "inverse_sqrt")
         opt, sched = T.build_optimizer(model, {"lr": s["lr"], "betas": [0.9, 0.98], "weight_decay": 0.0,
-                                               "warmup_steps": s["warmup_steps"], "min_lr": s["min_lr"]},
-                                       s["max_steps"])
+                                               "warmup_steps": s["warmup_steps"], "min_lr": s["min_lr"],
+                                               "schedule": schedule}, s["max_steps"])
         seen = {}
         for step in range(max(map(int, s["lr_at_step"])) + 1):
             seen[str(step)] = opt.param_groups[0]["lr"]
@@ -89,6 +91,27 @@ def test_lr_schedule_is_nemos():
             sched.step()
         for step, lr in s["lr_at_step"].items():
             assert seen[step] == pytest.approx(lr, rel=1e-9), (s, step)
+
+
+def test_lr_follows_the_time_budget_and_decays_at_the_end():
+    optim = {"lr": 1e-3, "betas": [0.9, 0.98], "weight_decay": 0.0, "warmup_steps": 10, "min_lr": 1e-5}
+    model = torch.nn.Linear(2, 2)
+    # cosine: the time budget, when further along than the steps, sets where on the curve a step is
+    _, cos = T.build_optimizer(model, {**optim, "schedule": "cosine"}, 1000)
+    assert cos.lr_at(500, done=0.0) == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5 * (1 + math.cos(math.pi * 490 / 990)))
+    assert cos.lr_at(100, done=0.5) == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5)
+    assert cos.lr_at(100, done=1.0) == pytest.approx(1e-5)
+    # decay_fraction: inverse_sqrt as NeMo's until the last 20% of the budget, then linearly down to min_lr
+    opt, wsd = T.build_optimizer(model, {**optim, "decay_fraction": 0.2}, 1000)
+    plain = T.lr_at(700, 1e-3, 10, 1000, 1e-5)
+    assert wsd.lr_at(700) == pytest.approx(plain)
+    assert wsd.lr_at(700, done=0.9) == pytest.approx(1e-5 + (plain - 1e-5) * 0.5)
+    assert wsd.lr_at(900) == pytest.approx(1e-5 + (T.lr_at(900, 1e-3, 10, 1000, 1e-5) - 1e-5) * 0.5)
+    wsd.last_epoch = 499
+    wsd.step(done=0.95)  # the optimizer's lr is set for step 500, 95% into the time budget
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-5 + (T.lr_at(500, 1e-3, 10, 1000, 1e-5) - 1e-5) * 0.25)
+    with pytest.raises(T.ConfigError, match="optim.schedule"):
+        T.build_optimizer(model, {**optim, "schedule": "linear"}, 10)
 
 
 def test_tensorboard_events_progress_bar_and_padding(tmp_path, capsys):

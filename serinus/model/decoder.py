@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from serinus.model.dropout import Dropout
 from serinus.precision import unpacked_linear
 
 NEG_INF = -10000.0  # NeMo's additive mask value
@@ -137,7 +138,7 @@ class DecoderBlock(nn.Module):
         self.mlp_in = nn.Linear(h, cfg.inner_size)
         self.mlp_out = nn.Linear(cfg.inner_size, h)
         self.act = F.relu if cfg.hidden_act == "relu" else F.gelu
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def forward(self, x, self_mask, cross_kv, cross_mask, cache: KVCache | None = None) -> Tensor:
         y = self.self_attn_norm(x)
@@ -170,7 +171,7 @@ class TransformerDecoder(nn.Module):
         # output head: weight tied to the token embedding, bias of its own
         self.head_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
         self.quantized_head = None  # int8 mode: a quantised copy of the head (serinus.precision)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         if not loading:
             self.reset_parameters()
 

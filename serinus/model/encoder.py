@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from serinus.model.dropout import Dropout
+
 
 @dataclass
 class EncoderConfig:
@@ -241,7 +243,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.linear1 = nn.Linear(d_model, d_ff, bias=use_bias)
         self.linear2 = nn.Linear(d_ff, d_model, bias=use_bias)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.linear2(self.dropout(F.silu(self.linear1(x))))
@@ -288,7 +290,7 @@ class ConformerLayer(nn.Module):
         self.norm_feed_forward2 = nn.LayerNorm(d)
         self.feed_forward2 = FeedForward(d, ff, cfg.use_bias, cfg.dropout)
         self.norm_out = nn.LayerNorm(d)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def forward(self, x, pos_emb, att_mask, valid) -> Tensor:
         x = x + 0.5 * self.dropout(self.feed_forward1(self.norm_feed_forward1(x)))
@@ -308,8 +310,8 @@ class ConformerEncoder(nn.Module):
             for layer in self.layers[1:]:
                 layer.self_attn.pos_bias_u = self.layers[0].self_attn.pos_bias_u
                 layer.self_attn.pos_bias_v = self.layers[0].self_attn.pos_bias_v
-        self.dropout_pre_encoder = nn.Dropout(cfg.dropout_pre_encoder)
-        self.dropout_emb = nn.Dropout(cfg.dropout_emb)
+        self.dropout_pre_encoder = Dropout(cfg.dropout_pre_encoder)
+        self.dropout_emb = Dropout(cfg.dropout_emb)
 
     def forward(self, features: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         """features [B, n_mels, T], lengths [B] -> encoded [B, d_model, T'], lengths [B]."""

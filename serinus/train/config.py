@@ -98,6 +98,8 @@ DEFAULTS = {
         "weight_decay": 1e-3,
         "warmup_steps": 1000,
         "min_lr": 1e-6,  # NeMo's meaning: the lr after max_steps (the 1/sqrt decay itself is not floored)
+        "schedule": "inverse_sqrt",  # after warm-up: inverse_sqrt or cosine (NeMo's InverseSquareRoot/CosineAnnealing)
+        "decay_fraction": 0.0,  # > 0: the lr falls linearly to min_lr over this last part of max_steps/max_time
     },
     "trainer": {
         "max_steps": 1000,

@@ -290,6 +290,66 @@ def lr_at(step: int, lr: float, warmup_steps: int, max_steps: int | None = None,
     return lr * ((warmup_steps + 1) / (step + 1)) ** 0.5
 
 
+def cosine_lr_at(step: int, lr: float, warmup_steps: int, max_steps: int, min_lr: float = 0.0,
+                 done: float = 0.0) -> float:
+    """NeMo's CosineAnnealing: the same warm-up, then from lr down to min_lr along half a cosine over the
+    steps after it. `done` (0-1) is how much of a wall-clock budget has passed: the cosine follows
+    whichever of steps and time is further along, so a run stopped by trainer.max_time also ends low."""
+    if warmup_steps > 0 and step <= warmup_steps:
+        return lr * (step + 1) / (warmup_steps + 1)
+    if step > max_steps:
+        return min_lr
+    frac = max((step - warmup_steps) / max(1, max_steps - warmup_steps), done)
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, frac)))
+
+
+class LRSchedule:
+    """The lr of every step: warm-up, then optim.schedule (inverse_sqrt or cosine, as NeMo's schedulers),
+    then, if optim.decay_fraction > 0, a linear fall to min_lr over that last part of the budget
+    (warm-up, stable, decay: a fixed budget ends with its weights annealed instead of at a high lr).
+    The budget is trainer.max_steps or trainer.max_time, whichever is further along."""
+
+    def __init__(self, opt, optim: dict, max_steps: int):
+        self.opt, self.max_steps = opt, max_steps
+        self.lr, self.min_lr, self.warmup = float(optim["lr"]), float(optim["min_lr"]), int(optim["warmup_steps"])
+        self.schedule, self.decay_fraction = optim.get("schedule", "inverse_sqrt"), float(optim.get("decay_fraction", 0))
+        if self.schedule not in ("inverse_sqrt", "cosine"):
+            raise ConfigError(f"optim.schedule={self.schedule!r}: use inverse_sqrt or cosine")
+        if not 0.0 <= self.decay_fraction < 1.0:
+            raise ConfigError(f"optim.decay_fraction={self.decay_fraction}: a fraction of the budget, 0 <= f < 1")
+        self.last_epoch = 0  # the step whose lr the optimizer holds (LambdaLR's name, for old checkpoints)
+        self._set(self.lr_at(0))
+
+    def lr_at(self, step: int, done: float = 0.0) -> float:
+        if self.schedule == "cosine":
+            lr = cosine_lr_at(step, self.lr, self.warmup, self.max_steps, self.min_lr, done)
+        else:
+            lr = lr_at(step, self.lr, self.warmup, self.max_steps, self.min_lr)
+        f = self.decay_fraction
+        progress = max(step / max(1, self.max_steps), done)
+        if f > 0 and progress > 1.0 - f and step > self.warmup:
+            lr = self.min_lr + (lr - self.min_lr) * max(0.0, (1.0 - progress) / f)
+        return lr
+
+    def _set(self, lr: float) -> None:
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+
+    def step(self, done: float = 0.0) -> None:
+        """Move to the next step; `done` is the fraction of trainer.max_time used so far (0 without one)."""
+        self.last_epoch += 1
+        self._set(self.lr_at(self.last_epoch, done))
+
+    def get_last_lr(self) -> list[float]:
+        return [g["lr"] for g in self.opt.param_groups]
+
+    def state_dict(self) -> dict:
+        return {"last_epoch": self.last_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last_epoch = int(state["last_epoch"])  # the lr itself comes back with the optimizer's state
+
+
 def build_optimizer(model, optim: dict, max_steps: int | None = None):
     # No weight decay on biases and norms, as usual for Transformers.
     decay, no_decay = [], []
@@ -300,9 +360,7 @@ def build_optimizer(model, optim: dict, max_steps: int | None = None):
         [{"params": decay, "weight_decay": optim["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
         lr=optim["lr"], betas=tuple(optim["betas"]),
     )
-    lr, min_lr, warmup = float(optim["lr"]), float(optim["min_lr"]), int(optim["warmup_steps"])
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, lr, warmup, max_steps, min_lr) / lr)
-    return opt, sched
+    return opt, LRSchedule(opt, optim, max_steps if max_steps is not None else 10**12)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,7 +371,8 @@ def _ckpt_root(cfg: dict) -> Path:
     return Path(cfg["trainer"]["out_dir"]) / "checkpoints"
 
 
-def save_checkpoint(cfg, model, opt, sched, step: int, position: tuple[int, int], scaler=None) -> Path:
+def save_checkpoint(cfg, model, opt, sched, step: int, position: tuple[int, int], scaler=None,
+                    elapsed: float = 0.0) -> Path:
     from serinus.checkpoint import save_any
 
     root = _ckpt_root(cfg)
@@ -323,6 +382,7 @@ def save_checkpoint(cfg, model, opt, sched, step: int, position: tuple[int, int]
     save_any(model, tmp / "model")
     state = {
         "step": step, "epoch": position[0], "batch_in_epoch": position[1], "config": cfg,
+        "elapsed_s": elapsed,  # training time so far: trainer.max_time and the schedule go on from it
         "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
         "rng_cpu": torch.get_rng_state(),
@@ -349,8 +409,9 @@ def last_checkpoint(cfg: dict) -> Path | None:
     return d if (d / "trainer_state.pt").is_file() else None
 
 
-def restore(ckpt: Path, model, opt, sched, scaler=None) -> tuple[int, int, int]:
-    """Load weights, optimizer, scheduler and RNG from a checkpoint; returns (step, epoch, next batch)."""
+def restore(ckpt: Path, model, opt, sched, scaler=None) -> tuple[int, int, int, float]:
+    """Load weights, optimizer, scheduler and RNG from a checkpoint; returns (step, epoch, next batch,
+    seconds of training so far)."""
     from serinus.checkpoint import read_own_weights
 
     state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
@@ -362,7 +423,7 @@ def restore(ckpt: Path, model, opt, sched, scaler=None) -> tuple[int, int, int]:
     torch.set_rng_state(state["rng_cpu"])
     if state["rng_cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng_cuda"])
-    return state["step"], state["epoch"], state["batch_in_epoch"] + 1
+    return state["step"], state["epoch"], state["batch_in_epoch"] + 1, float(state.get("elapsed_s", 0.0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,12 +458,12 @@ def train(cfg: dict) -> dict:
     rt.log(f"data: {len(train_cuts)} training utterances ({hours:.2f} h)"
            + (f", {len(val_cuts)} validation" if val_cuts else ""))
 
-    step, epoch, skip = 0, 0, 0
+    step, epoch, skip, elapsed = 0, 0, 0, 0.0
     ckpt = last_checkpoint(cfg) if tr["resume"] else None
     if tr["resume"] and ckpt is None:
         rt.log(f"resume: no checkpoint in {_ckpt_root(cfg)}, starting from scratch")
     if ckpt is not None:
-        step, epoch, skip = restore(ckpt, model, opt, sched, scaler)
+        step, epoch, skip, elapsed = restore(ckpt, model, opt, sched, scaler)
         rt.log(f"resumed from {ckpt} at step {step} (epoch {epoch}, batch {skip})")
 
     ddp_model = model
@@ -445,24 +506,29 @@ def train(cfg: dict) -> dict:
 
     def checkpoint(position):
         if rt.rank == 0:
-            d = save_checkpoint(cfg, model, opt, sched, step, position, scaler)
+            d = save_checkpoint(cfg, model, opt, sched, step, position, scaler, time.time() - t_loop)
             monitor.print(f"saved checkpoint {d}")
         if rt.distributed:
             dist.barrier()
 
+    time_used = [0.0]  # the fraction of trainer.max_time used when this step began, the same on every rank
+
     def out_of_time() -> bool:
         if max_time is None:
             return False
-        late = torch.tensor([float(time.time() - t_loop >= max_time)])
-        if rt.distributed:  # every rank must stop at the same step
-            dist.all_reduce(late, op=dist.ReduceOp.MAX)
-        return bool(late.item())
+        used = torch.tensor([(time.time() - t_loop) / max_time])
+        if rt.distributed:  # every rank must stop at the same step, and set the same lr
+            dist.all_reduce(used, op=dist.ReduceOp.MAX)
+        time_used[0] = float(used.item())
+        return time_used[0] >= 1.0
 
     accumulate = int(tr.get("accumulate_grad_batches") or 1)
     position = (epoch, skip - 1)
     it = iter(loader)
-    t_loop = time.time()  # trainer.max_time counts from here, as Lightning's Timer (set-up excluded)
-    rt.log(f"set-up took {t_loop - t_start:.1f} s")
+    # trainer.max_time counts from here, as Lightning's Timer (set-up excluded; a resumed run goes on from
+    # the time its checkpoint had used)
+    t_loop = time.time() - elapsed
+    rt.log(f"set-up took {time.time() - t_start:.1f} s")
     while step < max_steps and not out_of_time():
         t_step = time.time()
         task.step = step
@@ -487,7 +553,7 @@ def train(cfg: dict) -> dict:
         scaler.step(opt)  # skipped (and the scale lowered) when float16 gradients overflowed
         scaler.update()
         lr = sched.get_last_lr()[0]
-        sched.step()
+        sched.step(time_used[0])
         step += 1
         if rt.distributed:  # report the mean over ranks
             t = torch.tensor([value], device=rt.device)

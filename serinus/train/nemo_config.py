@@ -406,8 +406,12 @@ def _optim(src: _Source, out: dict, ignored: list) -> None:
         _put(out, "optim.warmup_steps", 0)
         return
     sched = src.section(f"{o}.sched", ("warmup_steps", "warmup_ratio", "min_lr"))
-    if sched.get("name", "InverseSquareRootAnnealing") != "InverseSquareRootAnnealing":
-        ignored.append(f"{o}.sched.name={sched['name']} (Serinus: warmup + InverseSquareRootAnnealing)")
+    name = sched.get("name", "InverseSquareRootAnnealing")
+    if name == "CosineAnnealing":
+        _put(out, "optim.schedule", "cosine")
+        src.get(f"{o}.sched.name")
+    elif name != "InverseSquareRootAnnealing":
+        ignored.append(f"{o}.sched.name={name} (Serinus: warmup + InverseSquareRootAnnealing or CosineAnnealing)")
         src.get(f"{o}.sched.name")
     if sched.get("warmup_steps") is not None:
         _put(out, "optim.warmup_steps", int(sched["warmup_steps"]))
