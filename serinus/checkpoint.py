@@ -24,6 +24,8 @@ import re
 import tarfile
 from pathlib import Path, PurePosixPath
 
+from serinus.allocator import keep_freed_memory
+
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded, with the reason."""
@@ -581,7 +583,10 @@ def load_model(path_or_id: str | os.PathLike, device="cpu", dtype: str = "float3
     """A `.nemo` file, a Serinus folder (config.json + model.safetensors), or a Hub id. `dtype`:
     "float32", "bfloat16" (weights and compute) or "int8" (dynamically quantised Linear layers).
     On a CPU the Linear layers are packed for inference (frozen; serinus.precision) unless
-    `for_training`: then they stay plain nn.Linear layers, to train."""
+    `for_training`: then they stay plain nn.Linear layers, to train. On a CPU, freed memory is kept
+    for reuse from then on (serinus.allocator)."""
+    if str(device).startswith("cpu"):
+        keep_freed_memory()
     kind, path = _resolve(path_or_id)
     load = load_own if kind == "own" else load_nemo
     return load(path, device, dtype, pack=not for_training)

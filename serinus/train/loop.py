@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from serinus.allocator import keep_freed_memory
 from serinus.model.canary import CanaryConfig
 from serinus.train.config import ConfigError, parse_max_time
 from serinus.train.monitor import Monitor, padding_ratios
@@ -64,6 +65,8 @@ def setup_runtime(tr: dict) -> Runtime:
         device = torch.device(tr["device"])
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    else:
+        keep_freed_memory()  # a step's activations reuse the last step's memory instead of faulting it in again
     if tr.get("threads"):
         torch.set_num_threads(int(tr["threads"]))
     if world_size > 1 and not dist.is_initialized():
