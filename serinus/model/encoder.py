@@ -271,16 +271,25 @@ class ConvModule(nn.Module):
         self.pointwise_conv2 = nn.Conv1d(d_model, d_model, 1, bias=use_bias)
 
     def forward(self, x: Tensor, valid: Tensor) -> Tensor:
-        # x: [B, T, D]; valid: [B, T] bool
-        x = F.glu(self.pointwise_conv1(x.transpose(1, 2)), dim=1)  # [B, D, T]
-        x = x.masked_fill(~valid[:, None, :], 0.0)  # padding must not leak into the depthwise conv
-        x = self.depthwise_conv(x)
+        # x: [B, T, D]; valid: [B, T] bool. The activations stay time-major ([B, T, D] in memory): the
+        # pointwise convs are matmuls over channels (through oneDNN at inference, as the Linear layers)
+        # and the depthwise conv runs on a channels-last view, so no transposed copy is made of them
+        x = F.glu(_pointwise(x, self.pointwise_conv1), dim=-1)
+        x = x.masked_fill(~valid[..., None], 0.0)  # padding must not leak into the depthwise conv
+        conv = self.depthwise_conv
+        weight = conv.weight.unsqueeze(-1).contiguous(memory_format=torch.channels_last)  # [D, 1, K, 1]
+        x = F.conv2d(x.transpose(1, 2).unsqueeze(-1), weight, conv.bias, 1, (conv.padding[0], 0), 1, conv.groups)
+        x = x.squeeze(-1)  # [B, D, T], a view of [B, T, D] memory
         if isinstance(self.batch_norm, nn.LayerNorm):
-            x = self.batch_norm(x.transpose(1, 2)).transpose(1, 2)
+            x = self.batch_norm(x.transpose(1, 2))
         else:
-            x = self.batch_norm(x)
-        x = self.pointwise_conv2(F.silu(x))
-        return x.transpose(1, 2)
+            x = self.batch_norm(x).transpose(1, 2)
+        return _pointwise(F.silu(x), self.pointwise_conv2)
+
+
+def _pointwise(x: Tensor, conv: nn.Conv1d) -> Tensor:
+    """A kernel-1 Conv1d over the channels of time-major x [B, T, C_in] -> [B, T, C_out]."""
+    return unpacked_linear(x, conv.weight.squeeze(-1), conv.bias)
 
 
 class ConformerLayer(nn.Module):
