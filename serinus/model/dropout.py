@@ -2,8 +2,8 @@
 
 torch's CPU dropout draws one float per element through `bernoulli_`, about 8 ns an element here:
 11-13% of a training step of the English recipe on a 2-core CPU. This one takes 15 random bits
-per element from 32-bit random words (two elements per word), about 4x cheaper, with the drop
-probability exact to 1/32768. Elsewhere (CUDA) torch's fused kernel is used as it is.
+per element from 32-bit random words (two elements per word): forward and backward together
+about 2x cheaper (3.1 against 6.7 ms for 700k elements here), the drop probability exact to 1/32768. Elsewhere (CUDA) torch's fused kernel is used as it is.
 """
 
 from __future__ import annotations
