@@ -585,7 +585,7 @@ def load_model(path_or_id: str | os.PathLike, device="cpu", dtype: str = "float3
     On a CPU the Linear layers are packed for inference (frozen; serinus.precision) unless
     `for_training`: then they stay plain nn.Linear layers, to train. On a CPU, freed memory is kept
     for reuse from then on (serinus.allocator)."""
-    if str(device).startswith("cpu"):
+    if _on_cpu(device):
         keep_freed_memory()
     kind, path = _resolve(path_or_id)
     load = load_own if kind == "own" else load_nemo

@@ -160,7 +160,6 @@ def quantize_linear_int8(linear: nn.Linear) -> nn.Module:
 def quantize_int8(model: nn.Module) -> nn.Module:
     """Dynamic int8 quantisation of the Linear layers of the encoder and decoder, and of the tied
     output head (a quantised copy of the token embedding; the embedding itself stays float32)."""
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
     from torch.ao.quantization import quantize_dynamic
 
     # one weight scale per output row: a row of small weights keeps its precision beside a row of
@@ -170,8 +169,7 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     if decoder is not None and hasattr(decoder, "head_bias"):
         head = nn.Linear(decoder.cfg.hidden_size, decoder.cfg.vocab_size)
         head.weight, head.bias = decoder.token_embedding.weight, decoder.head_bias
-        head.qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
-        decoder.quantized_head = DynamicLinear.from_float(head)
+        decoder.quantized_head = quantize_linear_int8(head)
     return model
 
 
