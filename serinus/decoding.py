@@ -23,7 +23,7 @@ class DecodingConfig:
     length_penalty: float = 0.0
     max_generation_delta: int = -1  # < 0: no limit but the decoder's max_sequence_length
     return_nbest: bool = False
-    ctc_weight: float = 0.0  # > 0 with a model's CTC head: joint CTC/attention rescoring (serinus.joint_decoding)
+    ctc_weight: float = 0.0  # > 0 with a model's CTC head: joint CTC/attention beam search (serinus.joint_decoding)
 
     @classmethod
     def from_nemo(cls, cfg: dict | None) -> "DecodingConfig":

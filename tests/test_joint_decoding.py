@@ -1,4 +1,5 @@
-"""Joint CTC/attention rescoring: its pieces against plain torch, and its effect in transcribe()."""
+"""Joint CTC/attention beam search: the CTC prefix scores against brute-force sums over frame
+paths, the search's scores against teacher forcing and torch's CTC loss, and its use in transcribe()."""
 
 import dataclasses
 
@@ -8,28 +9,8 @@ import torch.nn.functional as F
 
 from conftest import AUDIO, FIXTURES
 from serinus import CanaryModel
-from serinus.joint_decoding import attention_scores, ctc_greedy, ctc_scores, rescore
-
-
-def test_ctc_greedy_merges_repeats_and_drops_blanks_and_specials():
-    blank = 5
-    path = torch.tensor([[1, 1, 5, 1, 2, 2, 5, 5, 3, 4, 0]])
-    lp = F.one_hot(path, 6).float().log_softmax(-1)
-    assert ctc_greedy(lp, torch.tensor([11]), blank) == [[1, 1, 2, 3, 4, 0]]
-    assert ctc_greedy(lp, torch.tensor([11]), blank, excluded={0}, vocab_size=4) == [[1, 1, 2, 3]]
-    assert ctc_greedy(lp, torch.tensor([4]), blank) == [[1, 1]]  # only the valid frames
-
-
-def test_ctc_scores_are_torch_ctc_log_likelihoods():
-    torch.manual_seed(0)
-    lp = torch.randn(12, 7).log_softmax(-1)
-    cands = [[1, 2, 3], [4], [2, 2, 2, 2, 2, 2, 2]]  # the last cannot fit 12 frames with blanks between repeats
-    got = ctc_scores(lp, 12, cands, blank=6)
-    for c, g in zip(cands[:2], got[:2]):
-        want = -F.ctc_loss(lp[:, None], torch.tensor([c]), torch.tensor([12]), torch.tensor([len(c)]), blank=6,
-                           reduction="sum")
-        torch.testing.assert_close(g, want)
-    assert got[2] == float("-inf")
+from serinus.joint_decoding import CTCPrefixScorer, joint_beam_search
+from serinus.prompt import encode_prompt
 
 
 def _model_with_ctc_head():
@@ -41,47 +22,6 @@ def _model_with_ctc_head():
     return out.eval()
 
 
-def test_attention_scores_equal_teacher_forcing():
-    import soundfile as sf
-
-    model = _model_with_ctc_head()
-    audio, _ = sf.read(AUDIO / "en_01.wav", dtype="float32")
-    x, n = torch.from_numpy(audio)[None], torch.tensor([len(audio)])
-    states, mask, _ = model.encode(x, n)
-    tok = model.tokenizer
-    prompt = model.transcribe([audio], return_nbest=False)  # warm path, and a real hypothesis
-    ids = prompt[0].y_sequence
-    from serinus.prompt import encode_prompt
-
-    p = encode_prompt(tok, model.cfg.prompt_format, {"source_lang": "en", "target_lang": "en", "pnc": "yes"})
-    got = attention_scores(model.decoder, states, mask, p, [ids, ids[:3]], tok.eos_id, tok.pad_id)
-    for k, cand in enumerate([ids, ids[:3]]):
-        seq = torch.tensor([p + cand + [tok.eos_id]])
-        lp = model(x, n, seq[:, :-1], torch.tensor([seq.shape[1] - 1]))[0]
-        want = lp[torch.arange(len(p) - 1, seq.shape[1] - 1), seq[0, len(p):]].sum()
-        torch.testing.assert_close(got[k], want, atol=1e-4, rtol=1e-5)
-
-
-def test_rescore_follows_the_weight():
-    torch.manual_seed(0)
-    model = _model_with_ctc_head()
-    audio = np.random.default_rng(0).standard_normal(16000 * 2).astype(np.float32) * 0.1
-    states, mask, lens, ctc_lp = model.encode_with_ctc(torch.from_numpy(audio)[None], torch.tensor([len(audio)]))
-    tok = model.tokenizer
-    specials = frozenset(tok.special_tokens.values())
-    greedy = ctc_greedy(ctc_lp, lens, model.ctc_blank_id, specials, tok.vocab_size)[0]
-    decoder_best = [tok.text_to_ids("hello", "en")]
-    prompt = [[tok.token_to_id("<|startofcontext|>")]]
-    only_att = rescore(model.decoder, states, mask, ctc_lp, lens, prompt, [decoder_best], 0.0, model.ctc_blank_id,
-                       tok.eos_id, tok.pad_id, specials, tok.vocab_size)
-    only_ctc = rescore(model.decoder, states, mask, ctc_lp, lens, prompt, [decoder_best], 1.0, model.ctc_blank_id,
-                       tok.eos_id, tok.pad_id, specials, tok.vocab_size)
-    # CTC alone: its own best path beats any other candidate (a greedy path is not always the most
-    # likely label sequence, but it is never beaten here by an unrelated word)
-    assert only_ctc[0][0] == greedy
-    assert only_att[0][0] in (decoder_best[0], greedy)
-
-
 def test_transcribe_with_joint_decoding_runs_and_weight_zero_changes_nothing():
     model = _model_with_ctc_head()
     files = [str(AUDIO / "en_01.wav"), str(AUDIO / "de_01.wav")]
@@ -91,3 +31,67 @@ def test_transcribe_with_joint_decoding_runs_and_weight_zero_changes_nothing():
     model.cfg.decoding.ctc_weight = 0.5
     joint = model.transcribe(files)
     assert all(h.error is None for h in joint)
+
+
+def _brute_force_prefix_probs(lp: torch.Tensor, blank: int):
+    """Every frame path of a tiny CTC output, collapsed: {labels: prob} summed over paths."""
+    import itertools
+
+    T, C = lp.shape
+    probs: dict[tuple, float] = {}
+    for path in itertools.product(range(C), repeat=T):
+        labels = tuple(t for i, t in enumerate(path) if t != blank and (i == 0 or path[i - 1] != t))
+        p = float(sum(lp[i, t] for i, t in enumerate(path)))
+        probs[labels] = probs.get(labels, 0.0) + np.exp(p)
+    return probs
+
+
+def test_ctc_prefix_scores_equal_brute_force_sums_over_paths():
+    torch.manual_seed(1)
+    blank, T = 2, 6
+    lp = torch.randn(T, 3, dtype=torch.float64).log_softmax(-1)
+    probs = _brute_force_prefix_probs(lp, blank)
+    scorer = CTCPrefixScorer(lp, blank)
+    # grow the prefix (1, 1, 0) token by token, checking each prefix and full-sequence score
+    r, last, empty, prefix = scorer.initial()[None], torch.tensor([-1]), torch.tensor([True]), ()
+    for token in (1, 1, 0):
+        psi, r_new = scorer.extend(r, last, torch.tensor([[0, 1]]), empty)
+        for j, c in enumerate((0, 1)):
+            grown = prefix + (c,)
+            want_prefix = sum(p for labels, p in probs.items() if labels[: len(grown)] == grown)
+            torch.testing.assert_close(psi[0, j].exp().item(), want_prefix, rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(CTCPrefixScorer.full_score(r_new[0, j]).exp().item(),
+                                       probs.get(grown, 0.0), rtol=1e-9, atol=1e-12)
+        j = (0, 1).index(token)
+        r, last, empty, prefix = r_new[:, j], torch.tensor([token]), torch.tensor([False]), prefix + (token,)
+
+
+def test_joint_beam_search_weights_and_limit():
+    model = _model_with_ctc_head()
+    audio = np.random.default_rng(0).standard_normal(16000 * 2).astype(np.float32) * 0.1
+    states, mask, lens, ctc_lp = model.encode_with_ctc(torch.from_numpy(audio)[None], torch.tensor([len(audio)]))
+    tok = model.tokenizer
+    p = encode_prompt(tok, model.cfg.prompt_format, {"source_lang": "en", "target_lang": "en", "pnc": "yes"})
+    lp = ctc_lp[0, : int(lens[0])]
+    args = (model.decoder, states, mask, p, lp)
+    kw = dict(blank=model.ctc_blank_id, eos_id=tok.eos_id, vocab_size=tok.vocab_size)
+    # weight 0, beam 1: the decoder's greedy answer
+    greedy = model.transcribe([audio])[0].y_sequence
+    got = joint_beam_search(*args, limit=len(greedy) + 5, beam_size=1, ctc_weight=0.0, **kw)[0][0]
+    assert got == greedy
+    # the limit cuts hypotheses; a finished one's score is the joint score of its ids
+    hyps = joint_beam_search(*args, limit=3, beam_size=3, ctc_weight=0.5, **kw)
+    assert hyps and all(len(ids) <= 3 for ids, _ in hyps)
+    scores = [s for _, s in hyps]
+    assert scores == sorted(scores, reverse=True)
+    finished = [h for h in joint_beam_search(*args, limit=60, beam_size=3, ctc_weight=0.5, **kw) if len(h[0]) < 60]
+    assert finished
+    for ids, score in finished:  # ended by EOS: the sum of both full-sequence scores
+        seq = torch.tensor([p + ids + [tok.eos_id]])
+        x, n = torch.from_numpy(audio)[None], torch.tensor([len(audio)])
+        with torch.no_grad():
+            lp_att = model(x, n, seq[:, :-1], torch.tensor([seq.shape[1] - 1]))[0]
+        att = lp_att[torch.arange(len(p) - 1, seq.shape[1] - 1), seq[0, len(p):]].sum()
+        ctc = -F.ctc_loss(lp[:, None].float(), torch.tensor([ids]), torch.tensor([len(lp)]), torch.tensor([len(ids)]),
+                          blank=model.ctc_blank_id, reduction="sum")
+        torch.testing.assert_close(score, float(0.5 * att + 0.5 * ctc), rtol=1e-4, atol=1e-3)

@@ -66,6 +66,10 @@ def test_dotted_overrides_change_config(tmp_path):
 
     mcfg = T.build_model_config(cfg, Tok())
     assert mcfg.encoder.n_layers == 1 and mcfg.encoder.d_model == 64  # the overrides win over the preset
+    # `trainer.precision=32` parses as an int, and Lightning's names mean the same
+    for given, want in (("32", "32"), ("32-true", "32"), ("bf16-mixed", "bf16"), ("16-mixed", "16")):
+        got = T.load_config(REPO / "configs" / "canary_tiny.yaml", [f"trainer.precision={given}"])
+        assert got["trainer"]["precision"] == want
     assert mcfg.decoder.vocab_size == 1288 and mcfg.decoder.hidden_size == 64
 
 
@@ -140,3 +144,10 @@ def test_allow_unk_reaches_the_bucketing_pass():
         T.load_cuts(dict(ds, allow_unk=False), tok)
     cuts = T.load_cuts(dict(ds, allow_unk=True), tok)
     assert len(cuts) == 56 and all(c.num_tokens > 0 for c in cuts)  # every line kept
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("synth_*.yaml")))
+def test_shipped_recipes_load_and_write_only_into_their_run_folder(name):
+    cfg = T.load_config(REPO / "configs" / name, ["exp_manager.exp_dir=runs/elsewhere"])
+    assert cfg["trainer"]["out_dir"] == "runs/elsewhere"
+    assert cfg["tokenizer"]["dir"] is None  # built into <exp_dir>/tokenizer, not shared between runs

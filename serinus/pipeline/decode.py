@@ -14,6 +14,7 @@ import torch
 
 from serinus.audio import collate_audio
 from serinus.decoding import DecodingConfig, beam_search, greedy_decode, max_new_tokens
+from serinus.joint_decoding import joint_beam_search
 from serinus.pipeline.plan import Piece, Row
 from serinus.timestamps import Timestamps, frame_token_timestamps
 
@@ -103,12 +104,19 @@ def run_decoder(model, rows: list[Row], decoding: DecodingConfig,
         # NeMo's limit counts the encoder's output frames of each row's own (unpadded) audio
         limit_lengths = model.limit_lengths(torch.tensor([len(rows[i].samples) for i in group]))
         limits = max_new_tokens(limit_lengths, prompt_len, decoding, model.cfg.decoder.max_sequence_length)
-        if decoding.beam_size == 1:
+        if joint:  # the CTC head scores every step of the search, one row at a time
+            for k, i in enumerate(group):
+                beams = joint_beam_search(model.decoder, states[i : i + 1], mask[i : i + 1], rows[i].prompt,
+                                          ctc_log_probs[i, : int(enc_lengths[i])], limits[k], decoding.beam_size,
+                                          decoding.ctc_weight, model.ctc_blank_id, tok.eos_id, tok.vocab_size)
+                best_ids, best_score = beams[0] if beams else ([], float("-inf"))
+                nbest = [Transcript("", ids, score) for ids, score in beams] if decoding.return_nbest else []
+                out[i] = Transcript("", _strip_pad(best_ids, tok.pad_id), best_score, nbest=nbest)
+        elif decoding.beam_size == 1:
             outputs = greedy_decode(model.decoder, states[index], mask[index], prompts, limits, tok.eos_id,
                                     tok.vocab_size)
             for i, ids in zip(group, outputs):
                 out[i] = Transcript("", _strip_pad(ids, tok.pad_id))
-            candidates = [[out[i].tokens] for i in group]
         else:
             outputs = beam_search(model.decoder, states[index], mask[index], prompts, limits, tok.eos_id,
                                   tok.pad_id, decoding.beam_size, decoding.length_penalty, tok.vocab_size)
@@ -116,15 +124,6 @@ def run_decoder(model, rows: list[Row], decoding: DecodingConfig,
                 best_ids, best_score = beams[0]
                 nbest = [Transcript("", ids, score) for ids, score in beams] if decoding.return_nbest else []
                 out[i] = Transcript("", best_ids, best_score, nbest=nbest)
-            candidates = [[ids for ids, _ in beams] for beams in outputs]
-        if joint:  # the CTC head's vote between the decoder's candidates and its own best path
-            from serinus.joint_decoding import rescore
-
-            picked = rescore(model.decoder, states[index], mask[index], ctc_log_probs[index], enc_lengths[index],
-                             [rows[i].prompt for i in group], candidates, decoding.ctc_weight, model.ctc_blank_id,
-                             tok.eos_id, tok.pad_id, frozenset(tok.special_tokens.values()), tok.vocab_size)
-            for i, (ids, score) in zip(group, picked):
-                out[i].tokens, out[i].score = ids, score
     for t in out:
         for one in (t, *t.nbest):
             one.text = tok.ids_to_text(one.tokens)

@@ -182,6 +182,9 @@ def _check_values(cfg: dict) -> None:
     if langs is not None and (not isinstance(langs, dict) or "spl_tokens" not in langs
                               or not all(isinstance(v, str) for v in langs.values())):
         raise ConfigError(f"tokenizer.langs must map spl_tokens and each language to a folder, got {langs!r}")
+    # `trainer.precision=32` on the command line arrives as an int; Lightning's names mean the same here
+    precision = str(cfg["trainer"]["precision"]).lower()
+    cfg["trainer"]["precision"] = {"32-true": "32", "bf16-mixed": "bf16", "16-mixed": "16"}.get(precision, precision)
     if cfg["trainer"]["precision"] not in ("32", "bf16", "16"):
         raise ConfigError(f"trainer.precision must be '32', 'bf16' or '16', got {cfg['trainer']['precision']!r}")
     if not isinstance(cfg["trainer"]["final_validation"], bool):
