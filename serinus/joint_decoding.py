@@ -81,7 +81,7 @@ def joint_beam_search(decoder: TransformerDecoder, states: Tensor, mask: Tensor,
     if likely) and keeps the beam best by joint score. Both scores only fall as a prefix grows, so
     the search stops once a finished hypothesis beats every running one."""
     device = states.device
-    scorer = CTCPrefixScorer(ctc_log_probs[:, : blank + 1].cpu(), blank)
+    scorer = CTCPrefixScorer(ctc_log_probs.cpu(), blank)
     w = ctc_weight
     proposals = max(4, int(1.5 * beam_size))
     cross_kv1 = decoder.cross_kv(states)
@@ -96,7 +96,6 @@ def joint_beam_search(decoder: TransformerDecoder, states: Tensor, mask: Tensor,
     last = torch.tensor([-1])
     ended: list[tuple[list[int], float]] = []
     for step in range(limit):
-        n = len(seqs)
         cand_lp, cand = att_lp.topk(min(proposals, att_lp.shape[1]), dim=-1)  # [n, m]
         empty = torch.tensor([not s for s in seqs])
         psi, r_new = scorer.extend(r, last, cand, empty)
