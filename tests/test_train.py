@@ -151,3 +151,35 @@ def test_shipped_recipes_load_and_write_only_into_their_run_folder(name):
     cfg = T.load_config(REPO / "configs" / name, ["exp_manager.exp_dir=runs/elsewhere"])
     assert cfg["trainer"]["out_dir"] == "runs/elsewhere"
     assert cfg["tokenizer"]["dir"] is None  # built into <exp_dir>/tokenizer, not shared between runs
+
+
+def test_speed_perturbation_adds_each_utterance_at_each_speed():
+    """train_ds.perturb_speed: every cut once per factor, resampled (slower = longer and lower-pitched),
+    each speed cached apart, the transcript unchanged."""
+    from serinus.data.dataset import load_audio
+    from serinus.train.loop import ConfigError, perturb_speed, speed_factors
+
+    assert speed_factors(False) == () and speed_factors(True) == (0.9, 1.0, 1.1)
+    assert speed_factors([0.95, 1.05]) == (0.95, 1.05)
+    with pytest.raises(ConfigError, match="perturb_speed"):
+        speed_factors([0.1])
+    cuts = T.load_cuts({"manifest_filepath": str(DEV), "source_langs": ["en"], "target_langs": ["en"], "limit": 3})
+    sp = perturb_speed(cuts, speed_factors(True))
+    assert len(sp) == 3 * len(cuts)
+    cache = {}
+    audio, lens = load_audio(sp, 16000, cache)
+    assert len(cache) == len(sp)  # three copies of each recording, each at its own speed
+    n = len(cuts)
+    for i, cut in enumerate(cuts):
+        texts = [sp[i + k * n].supervisions[0].text for k in range(3)]
+        assert texts == [cut.supervisions[0].text] * 3
+        base = int(lens[i + n])  # the factors' order: 0.9, 1.0 (as recorded), 1.1
+        for k, f in ((0, 0.9), (2, 1.1)):
+            assert abs(int(lens[i + k * n]) - base / f) <= 2
+            assert abs(sp[i + k * n].duration - cut.duration / f) < 1e-3
+
+    def crossings(a):  # zero crossings per sample: scales with pitch and formants
+        return float((torch.sign(a[1:]) != torch.sign(a[:-1])).float().mean())
+
+    ratio = crossings(audio[0, : lens[0]]) / crossings(audio[n, : lens[n]])
+    assert 0.8 < ratio < 0.97, ratio  # 0.9x speed: every frequency 0.9x

@@ -131,7 +131,8 @@ def _audio_key(cut):
     which are different cuts of the same audio, share one cached copy)."""
     rec = getattr(cut, "recording", None)
     source = rec.sources[0].source if rec is not None and rec.sources else cut.id
-    return (str(source), round(float(cut.start), 4), round(float(cut.duration), 4))
+    effects = repr(rec.transforms) if rec is not None and rec.transforms else ""  # e.g. a speed perturbation
+    return (str(source), round(float(cut.start), 4), round(float(cut.duration), 4), effects)
 
 
 def load_audio(cuts, sample_rate: int = 16000, cache: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:

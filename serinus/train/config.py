@@ -83,6 +83,7 @@ DEFAULTS = {
         "num_workers": 0,
         "allow_unk": False,
         "cache_audio": False,  # keep decoded audio in memory after its first read (small corpora)
+        "perturb_speed": False,  # true: every utterance also at 0.9x and 1.1x speed (or a list of factors)
     },
     "validation_ds": {
         "manifest_filepath": None,
@@ -162,6 +163,20 @@ def _check_keys(cfg: dict, schema: dict, prefix: str = "") -> None:
             _check_keys(value, schema[key], f"{name}.")
 
 
+# Lightning's precision names (NeMo's YAMLs use them) -> Serinus's: float32 weights in every mode
+PRECISIONS = {"32": "32", "32-true": "32", "fp32": "32", "bf16": "bf16", "bf16-mixed": "bf16", "bf16-true": "bf16",
+              "16": "16", "16-mixed": "16", "fp16": "16"}
+
+
+def precision_name(value) -> str:
+    """trainer.precision -> "32", "bf16" (autocast) or "16" (autocast + gradient scaler). An int (`=32` on
+    the command line) is accepted."""
+    name = PRECISIONS.get(str(value).lower())
+    if name is None:
+        raise ConfigError(f"trainer.precision={value!r}: use 32, bf16 (bf16-mixed) or, on a GPU, 16 (16-mixed)")
+    return name
+
+
 def _check_values(cfg: dict) -> None:
     m = cfg["model"]
     if m["type"] not in MODEL_TYPES:
@@ -182,11 +197,7 @@ def _check_values(cfg: dict) -> None:
     if langs is not None and (not isinstance(langs, dict) or "spl_tokens" not in langs
                               or not all(isinstance(v, str) for v in langs.values())):
         raise ConfigError(f"tokenizer.langs must map spl_tokens and each language to a folder, got {langs!r}")
-    # `trainer.precision=32` on the command line arrives as an int; Lightning's names mean the same here
-    precision = str(cfg["trainer"]["precision"]).lower()
-    cfg["trainer"]["precision"] = {"32-true": "32", "bf16-mixed": "bf16", "16-mixed": "16"}.get(precision, precision)
-    if cfg["trainer"]["precision"] not in ("32", "bf16", "16"):
-        raise ConfigError(f"trainer.precision must be '32', 'bf16' or '16', got {cfg['trainer']['precision']!r}")
+    cfg["trainer"]["precision"] = precision_name(cfg["trainer"]["precision"])
     if not isinstance(cfg["trainer"]["final_validation"], bool):
         raise ConfigError(f"trainer.final_validation must be true or false, got {cfg['trainer']['final_validation']!r}")
     for key in ("progress_bar", "tensorboard"):

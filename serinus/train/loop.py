@@ -215,6 +215,29 @@ def load_cuts(ds: dict, tokenizer=None, prompt_format: str = "canary2"):
     return cuts
 
 
+def speed_factors(value) -> tuple[float, ...]:
+    """`train_ds.perturb_speed`: false, true (NeMo's 0.9/1.0/1.1) or a list of factors (1.0 = as recorded)."""
+    if not value:
+        return ()
+    factors = (0.9, 1.0, 1.1) if value is True else tuple(float(f) for f in value)
+    if not factors or any(not 0.5 <= f <= 2.0 for f in factors):
+        raise ConfigError(f"train_ds.perturb_speed={value}: give true or a list of speed factors in [0.5, 2]")
+    return factors
+
+
+def perturb_speed(cuts, factors: tuple[float, ...]):
+    """Every cut once per factor (Kaldi's 3-way speed perturbation: an epoch sees each utterance at
+    each speed; pitch and tempo change together, as `sox speed` does); lhotse resamples on load."""
+    from lhotse import CutSet
+
+    if not factors:
+        return cuts
+    out = []
+    for f in factors:
+        out.extend(cuts if f == 1.0 else cuts.perturb_speed(f))
+    return CutSet.from_cuts(out)
+
+
 def build_sampler(ds: dict, cuts, seed: int, world_size: int, rank: int):
     from serinus.data.bucketing import bins_from_lengths, make_sampler, measure
 
@@ -452,13 +475,16 @@ def train(cfg: dict) -> dict:
 
     cache = {} if cfg["train_ds"]["cache_audio"] else None
     dataset = task.dataset(model, allow_unk=bool(cfg["train_ds"]["allow_unk"]), audio_cache=cache)
-    train_cuts = task.attach_num_tokens(load_cuts(cfg["train_ds"]), model, bool(cfg["train_ds"]["allow_unk"]))
+    speeds = speed_factors(cfg["train_ds"]["perturb_speed"])
+    train_cuts = perturb_speed(load_cuts(cfg["train_ds"]), speeds)
+    train_cuts = task.attach_num_tokens(train_cuts, model, bool(cfg["train_ds"]["allow_unk"]))
     task.train_texts = {" ".join(s.text for s in c.supervisions) for c in train_cuts}
     sampler = build_sampler(cfg["train_ds"], train_cuts, int(tr["seed"]), rt.world_size, rt.rank)
     val_cuts = list(load_cuts(cfg["validation_ds"])) if cfg["validation_ds"]["manifest_filepath"] else None
     val_dataset = task.dataset(model, allow_unk=True)  # a reference may hold an unseen character
     hours = sum(c.duration for c in train_cuts) / 3600
-    rt.log(f"data: {len(train_cuts)} training utterances ({hours:.2f} h)"
+    rt.log(f"data: {len(train_cuts)} training utterances ({hours:.2f} h"
+           + (f", speeds {'/'.join(f'{f:g}' for f in speeds)})" if speeds else ")")
            + (f", {len(val_cuts)} validation" if val_cuts else ""))
 
     step, epoch, skip, elapsed = 0, 0, 0, 0.0

@@ -29,7 +29,7 @@ import re
 import warnings
 from pathlib import Path
 
-from serinus.train.config import DEFAULTS, ConfigError, _check_keys, _check_values, _unknown
+from serinus.train.config import DEFAULTS, ConfigError, _check_keys, _check_values, _unknown, precision_name
 from serinus.train.nemo_keys import DECODER_READ, ENCODER_READ, EXP_MANAGER, KNOWN, LIGHTNING_TRAINER, MISSING, MOOT, PREPROCESSOR_READ, SAME, SPEC_AUGMENT_READ, TOP_LEVEL
 
 # ---------------------------------------------------------------------------------------------
@@ -367,7 +367,7 @@ def _data(src: _Source, out: dict, ignored: list) -> None:
         raise ConfigError(f"{ds}: tarred audio, input_cfg, Lhotse Shar and cuts_path inputs are not supported; "
                           "give JSON manifests in manifest_filepath")
     for key in ("batch_size", "batch_duration", "quadratic_duration", "shuffle", "num_workers", "num_buckets",
-                "bucket_batch_size"):
+                "bucket_batch_size", "perturb_speed"):
         if src.has(f"{ds}.{key}"):
             _put(out, f"train_ds.{key}", src.get(f"{ds}.{key}"))
     low, high = src.get(f"{ds}.min_duration"), src.get(f"{ds}.max_duration")
@@ -462,19 +462,13 @@ def _trainer(src: _Source, out: dict, notes: list, world: int) -> None:
     on_gpu = accelerator != "cpu" and torch.cuda.is_available()
 
     precision = str(src.get(f"{t}.precision", "32")).lower()
-    if precision in ("32", "32-true", "fp32"):
-        _put(out, "trainer.precision", "32")
-    elif precision in ("bf16", "bf16-mixed", "bf16-true"):
-        _put(out, "trainer.precision", "bf16")  # autocast, fp32 weights (bf16-mixed)
-        if not on_gpu:  # NeMo needs precision=32 on a CPU; Serinus keeps the YAML's choice and says so
-            notes.append(f"trainer.precision={precision}: bfloat16 autocast on the CPU (float32 weights)")
-    elif precision in ("16", "16-mixed", "fp16"):
-        if not on_gpu:
-            raise ConfigError(f"trainer.precision={precision}: float16 mixed precision is for GPUs and this run is "
-                              "on the CPU; use trainer.precision=bf16-mixed or 32")
-        _put(out, "trainer.precision", "16")  # autocast + gradient scaler, fp32 weights (16-mixed)
-    else:
-        raise ConfigError(f"trainer.precision={precision!r}: use 32, 32-true, bf16-mixed or (on a GPU) 16-mixed")
+    name = precision_name(precision)
+    if name == "bf16" and not on_gpu:  # NeMo needs precision=32 on a CPU; Serinus keeps the YAML's choice and says so
+        notes.append(f"trainer.precision={precision}: bfloat16 autocast on the CPU (float32 weights)")
+    if name == "16" and not on_gpu:
+        raise ConfigError(f"trainer.precision={precision}: float16 mixed precision is for GPUs and this run is "
+                          "on the CPU; use trainer.precision=bf16-mixed or 32")
+    _put(out, "trainer.precision", name)
 
     raw, nodes = src.get(f"{t}.devices", "auto"), int(src.get(f"{t}.num_nodes", 1) or 1)
     count = _devices(raw)
