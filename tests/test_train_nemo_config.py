@@ -249,3 +249,11 @@ def test_accumulate_grad_batches_averages_the_batch_losses(tok, tmp_path):
     assert accumulated[0] == pytest.approx(sum(plain) / 2, rel=1e-6)
     log = [json.loads(x) for x in (tmp_path / "b" / "canary-small" / "log.jsonl").read_text().splitlines()]
     assert log[0]["batch_size"] == 6
+
+
+def test_nemo_perturb_speed_is_acted_on(tok, tmp_path, capsys):
+    argv = ["--config", str(YAML), *seed(tok, tmp_path, *SMALL, "model.train_ds.perturb_speed=true"), "--print-config"]
+    assert T.main(argv) == 0
+    out = capsys.readouterr()
+    assert yaml.safe_load(out.out)["train_ds"]["perturb_speed"] is True
+    assert "perturb_speed" not in out.err  # read, so not in the "does not act on" warning

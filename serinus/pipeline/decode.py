@@ -99,8 +99,6 @@ def run_decoder(model, rows: list[Row], decoding: DecodingConfig,
     for i, row in enumerate(rows):
         groups.setdefault(len(row.prompt), []).append(i)
     for prompt_len, group in groups.items():
-        index = torch.tensor(group, device=states.device)
-        prompts = torch.tensor([rows[i].prompt for i in group], device=states.device)
         # NeMo's limit counts the encoder's output frames of each row's own (unpadded) audio
         limit_lengths = model.limit_lengths(torch.tensor([len(rows[i].samples) for i in group]))
         limits = max_new_tokens(limit_lengths, prompt_len, decoding, model.cfg.decoder.max_sequence_length)
@@ -112,7 +110,10 @@ def run_decoder(model, rows: list[Row], decoding: DecodingConfig,
                 best_ids, best_score = beams[0] if beams else ([], float("-inf"))
                 nbest = [Transcript("", ids, score) for ids, score in beams] if decoding.return_nbest else []
                 out[i] = Transcript("", _strip_pad(best_ids, tok.pad_id), best_score, nbest=nbest)
-        elif decoding.beam_size == 1:
+            continue
+        index = torch.tensor(group, device=states.device)
+        prompts = torch.tensor([rows[i].prompt for i in group], device=states.device)
+        if decoding.beam_size == 1:
             outputs = greedy_decode(model.decoder, states[index], mask[index], prompts, limits, tok.eos_id,
                                     tok.vocab_size)
             for i, ids in zip(group, outputs):
