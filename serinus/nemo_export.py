@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from serinus.checkpoint import (ALIGNER_CONFIG_FILE, ALIGNER_WEIGHTS_FILE, CONFIG_FILE, WEIGHTS_FILE,
-                                CheckpointError, rename)
+from serinus.weights import (ALIGNER_CONFIG_FILE, ALIGNER_WEIGHTS_FILE, CONFIG_FILE, WEIGHTS_FILE,
+                             CheckpointError, rename)
 
 NEMO_VERSION = "3.0.0"
 AED_TARGET = "nemo.collections.asr.models.aed_multitask_models.EncDecMultiTaskModel"

@@ -25,7 +25,7 @@ REF = {"tiny_canary2": "tiny_canary2", "tiny_canary2_unified": "tiny_canary2_uni
 @pytest.fixture(scope="session")
 def extracted(tmp_path_factory):
     """Each fixture .nemo, extracted once per test session."""
-    from serinus.checkpoint import extract_nemo
+    from serinus.weights import extract_nemo
 
     root = tmp_path_factory.mktemp("nemo")
     return {m: extract_nemo(FIXTURES / f"{m}.nemo", root / m) for m in MODELS}

@@ -12,7 +12,7 @@ import yaml
 
 from conftest import AUDIO, FIXTURES, REFERENCE
 from serinus.audio import AudioError, FeatureConfig, LogMel, load_audio, mel_filterbank, validate_audio
-from serinus.checkpoint import extract_nemo
+from serinus.weights import extract_nemo
 
 META = json.loads((REFERENCE / "tiny_canary2" / "encoder_meta.json").read_text())
 CLIPS = META["clips"]

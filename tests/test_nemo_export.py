@@ -10,7 +10,7 @@ import yaml
 
 from conftest import AUDIO, FIXTURES, MODELS
 from serinus import CanaryModel
-from serinus.checkpoint import read_weights
+from serinus.weights import read_weights
 from serinus.cli import main as cli
 
 

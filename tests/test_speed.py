@@ -9,7 +9,7 @@ from conftest import AUDIO, FIXTURES
 from serinus import CanaryModel
 from serinus import precision
 from serinus.audio import load_audio
-from serinus.checkpoint import WEIGHTS_FILE, extract_nemo, nemo_to_serinus_state_dict, read_weights
+from serinus.weights import WEIGHTS_FILE, extract_nemo, nemo_to_serinus_state_dict, read_weights
 from serinus.decoding import greedy_decode
 from serinus.model.canary import CanaryModel as Model
 
@@ -51,7 +51,7 @@ def test_extraction_can_leave_the_weights_in_the_archive(tmp_path):
 
 
 def test_lazy_archive_weights_read_the_same_tensors():
-    from serinus.checkpoint import read_archive_weights, read_archive_weights_lazily, real
+    from serinus.weights import read_archive_weights, read_archive_weights_lazily, real
 
     path = FIXTURES / "tiny_canary2_v2style.nemo"
     lazy, full = read_archive_weights_lazily(path, WEIGHTS_FILE), read_archive_weights(path, WEIGHTS_FILE)

@@ -160,7 +160,7 @@ def test_nemo_settings_checked_against_this_run(tok, tmp_path):
 def _finetune_yaml(tmp_path):
     """The seed's fine-tuning config: fast-conformer_aed.yaml with the checkpoint's architecture copied in
     and init_from_pretrained_model: model0 {name, exclude} instead of init_from_nemo_model."""
-    from serinus.checkpoint import extract_nemo
+    from serinus.weights import extract_nemo
 
     base = yaml.safe_load(YAML.read_text())
     model_cfg = yaml.safe_load((extract_nemo(NEMO, tmp_path / "x") / "model_config.yaml").read_text())
@@ -207,7 +207,7 @@ def test_init_from_pretrained_model_with_the_seeds_exclude_list(tok, tmp_path):
 
 
 def test_nemo_names_invert_the_checkpoint_renames(tmp_path):
-    from serinus.checkpoint import extract_nemo, nemo_to_serinus_state_dict, read_weights
+    from serinus.weights import extract_nemo, nemo_to_serinus_state_dict, read_weights
 
     raw = read_weights(extract_nemo(NEMO, tmp_path / "x") / "model_weights.ckpt")
     for key, value in raw.items():

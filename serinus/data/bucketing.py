@@ -465,7 +465,7 @@ def open_tokenizer(path: str):
     if p.is_file() and p.suffix == ".nemo":
         import yaml
 
-        from serinus.checkpoint import extract_nemo
+        from serinus.weights import extract_nemo
 
         with tempfile.TemporaryDirectory(prefix="serinus-tok-") as tmp:
             root = extract_nemo(p, tmp)

@@ -99,7 +99,7 @@ def run_trial(model, batch_size: int, duration: float, tokens: int, device: str,
             training_step(model, optimizer, batch_size, duration, tokens, device)
         if cuda:
             torch.cuda.synchronize(device)
-    except (torch.cuda.OutOfMemoryError, MemoryError) as e:
+    except (torch.cuda.OutOfMemoryError, MemoryError):
         reason = "out of memory"
     except RuntimeError as e:
         if "out of memory" not in str(e).lower() and "can't allocate" not in str(e).lower():

@@ -605,7 +605,7 @@ def _init_from(src: _Source) -> dict | None:
 
 def nemo_names(name: str) -> list[str]:
     """The NeMo parameter name(s) of a Serinus one; the tied token embedding is also the head's weight."""
-    from serinus.checkpoint import rename
+    from serinus.weights import rename
 
     nemo = rename(name, to_nemo=True)
     return [nemo, "log_softmax.mlp.layer0.weight"] if name == "decoder.token_embedding.weight" else [nemo]

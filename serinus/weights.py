@@ -1,0 +1,397 @@
+"""Weights: reading them from NeMo archives and torch state dicts, and putting them into a model.
+
+A `.nemo` file is a tar archive (optionally gzipped) holding `model_config.yaml`,
+`model_weights.ckpt` (a torch state dict) and tokenizer files referenced from the config
+as `nemo:<member name>`. Reading is safe by construction: only regular files and folders
+are extracted, never to a path outside the extraction folder, and weights are read with
+`torch.load(weights_only=True)`, so no pickled code ever runs.
+
+Loading is lean: the weights are read straight from the archive (never copied to disk), into a
+model built on the meta device (no memory, no random init) with `load_state_dict(assign=True)`,
+so they are in memory once. For int8 the weights of an uncompressed `.nemo` stream in one tensor at
+a time (`read_weights_lazily`) and each Linear layer is quantised as soon as it has its weights, so
+no full float32 copy is ever held. NeMo's parameter names become ours by `rename`'s rules.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tarfile
+from pathlib import Path, PurePosixPath
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded, with the reason."""
+
+
+def _safe_member_path(archive: Path, member: tarfile.TarInfo) -> PurePosixPath:
+    name = PurePosixPath(member.name)
+    if name.is_absolute() or member.name.startswith(("/", "\\")) or os.path.isabs(member.name):
+        raise CheckpointError(f"{archive}: refusing archive member {member.name!r}: absolute path")
+    if ".." in name.parts:
+        raise CheckpointError(f"{archive}: refusing archive member {member.name!r}: path leaves the archive ('..')")
+    if member.issym() or member.islnk():
+        raise CheckpointError(
+            f"{archive}: refusing archive member {member.name!r}: links are not allowed "
+            f"(points to {member.linkname!r})"
+        )
+    if not (member.isfile() or member.isdir()):
+        raise CheckpointError(f"{archive}: refusing archive member {member.name!r}: not a regular file or folder")
+    return name
+
+
+def extract_nemo(path: str | os.PathLike, dest: str | os.PathLike, skip: tuple[str, ...] = ()) -> Path:
+    """Extract a `.nemo` archive into `dest` after checking every member; returns `dest`.
+
+    Every member is validated before anything is written, so a bad archive writes nothing.
+    Members named in `skip` (e.g. the weights, read with `read_archive_weights`) are checked, not written.
+    """
+    path, dest = Path(path), Path(dest)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        tar = tarfile.open(path, mode="r:*")
+    except (tarfile.TarError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable .nemo (tar) archive: {e}") from e
+    with tar:
+        members = tar.getmembers()
+        checked = [(m, _safe_member_path(path, m)) for m in members]
+        dest.mkdir(parents=True, exist_ok=True)
+        root = dest.resolve()
+        for member, name in checked:
+            target = (root / Path(*name.parts)) if name.parts else root
+            if root != target.resolve() and root not in target.resolve().parents:
+                raise CheckpointError(f"{path}: refusing archive member {member.name!r}: path leaves the archive")
+            if member.isdir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            if str(name) in skip:
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            src = tar.extractfile(member)
+            with src, open(target, "wb") as out:
+                while chunk := src.read(1 << 20):
+                    out.write(chunk)
+    return dest
+
+
+# -- reading NeMo archives -------------------------------------------------------------------
+
+CONFIG_FILE = "model_config.yaml"
+WEIGHTS_FILE = "model_weights.ckpt"
+ALIGNER_CONFIG_FILE = "timestamps_asr_model_config.yaml"
+ALIGNER_WEIGHTS_FILE = "timestamps_asr_model_weights.ckpt"
+
+# NeMo state-dict entries we compute ourselves (the Hann window, the mel filterbank, the
+# decoder's sinusoidal table) or that duplicate another tensor (the tied output weight).
+DERIVED_KEYS = (
+    "preprocessor.featurizer.window",
+    "preprocessor.featurizer.fb",
+    "transf_decoder._embedding.position_embedding.pos_enc",
+    "log_softmax.mlp.layer0.weight",
+)
+
+# NeMo decoder names <-> ours, one table for both directions (loading, and NeMo's names for its
+# init rules): (NeMo, Serinus) name prefixes, "{n}" a layer number; an entry without a trailing
+# "." is a whole name. Inside the decoder's attention, NeMo's sub-module names differ too.
+DECODER_NAMES = [
+    ("transf_decoder._embedding.token_embedding.", "decoder.token_embedding."),
+    ("transf_decoder._embedding.layer_norm.", "decoder.embedding_norm."),
+    ("transf_decoder._decoder.final_layer_norm.", "decoder.final_norm."),
+    ("transf_decoder._decoder.layers.{n}.layer_norm_1.", "decoder.blocks.{n}.self_attn_norm."),
+    ("transf_decoder._decoder.layers.{n}.layer_norm_2.", "decoder.blocks.{n}.cross_attn_norm."),
+    ("transf_decoder._decoder.layers.{n}.layer_norm_3.", "decoder.blocks.{n}.mlp_norm."),
+    ("transf_decoder._decoder.layers.{n}.first_sub_layer.", "decoder.blocks.{n}.self_attn."),
+    ("transf_decoder._decoder.layers.{n}.second_sub_layer.", "decoder.blocks.{n}.cross_attn."),
+    ("transf_decoder._decoder.layers.{n}.third_sub_layer.dense_in.", "decoder.blocks.{n}.mlp_in."),
+    ("transf_decoder._decoder.layers.{n}.third_sub_layer.dense_out.", "decoder.blocks.{n}.mlp_out."),
+    ("log_softmax.mlp.layer0.bias", "decoder.head_bias"),
+]
+ATTENTION_NAMES = [("query_net", "query"), ("key_net", "key"), ("value_net", "value"), ("out_projection", "out")]
+
+
+def _rename_rules(to_nemo: bool) -> list[tuple[str, str]]:
+    """(regex, replacement) pairs, applied in order: prefixes first, then the attention sub-modules
+    (on NeMo's side only under transf_decoder, so no encoder name is touched)."""
+    rules = []
+    for nemo, ours in DECODER_NAMES:
+        src, dst = (ours, nemo) if to_nemo else (nemo, ours)
+        pattern = "^" + re.escape(src).replace(re.escape("{n}"), r"(\d+)") + ("" if src.endswith(".") else "$")
+        rules.append((pattern, dst.replace("{n}", r"\1")))
+    for nemo, ours in ATTENTION_NAMES:
+        if to_nemo:
+            rules.append((rf"^(transf_decoder\..*_sub_layer)\.{ours}\.", rf"\1.{nemo}."))
+        else:
+            rules.append((rf"\.{nemo}\.", f".{ours}."))
+    return rules
+
+
+_TO_SERINUS, _TO_NEMO = _rename_rules(False), _rename_rules(True)
+
+
+def rename(name: str, to_nemo: bool = False) -> str:
+    """A NeMo parameter name in Serinus's module names, or (to_nemo) the reverse."""
+    for pattern, repl in (_TO_NEMO if to_nemo else _TO_SERINUS):
+        name = re.sub(pattern, repl, name)
+    return name
+
+
+def _state_dict_of(state, where: str) -> dict:
+    """The state dict a loaded checkpoint holds (Lightning nests it under "state_dict")."""
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{where}: expected a state dict, found {type(state).__name__}")
+    return state
+
+
+def read_weights(path, where: str | None = None) -> dict:
+    """torch.load with weights_only=True: tensors and plain containers only, never pickled code.
+    `path`: a file path (memory-mapped) or an open binary file; `where` names it in errors."""
+    import pickle
+
+    import torch
+
+    import zipfile
+
+    where = where or Path(path).name
+    try:
+        if isinstance(path, (str, os.PathLike)) and zipfile.is_zipfile(path):  # memory-mapped, read on use
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{where}: refusing to load weights that carry pickled objects other than tensors "
+            f"(weights_only=True): {str(e).splitlines()[0]}"
+        ) from e
+    except Exception as e:  # truncated or not a torch file
+        raise CheckpointError(f"{where}: not a readable torch weights file: {e}") from e
+    return _state_dict_of(state, where)
+
+
+def read_archive_weights(path: Path, name: str) -> dict:
+    """The weights member `name` of a .nemo, read straight from the archive, tensor by tensor (no
+    copy on disk, one copy in memory). A gzipped archive cannot be read in place and is buffered."""
+    import io
+
+    try:
+        tar = tarfile.open(path, mode="r:")
+    except tarfile.ReadError:  # compressed: decompress the member once into memory
+        tar = tarfile.open(path, mode="r:*")
+        with tar:
+            return read_weights(io.BytesIO(_archive_member(tar, path, name).read()), name)
+    with tar:
+        return read_weights(_archive_member(tar, path, name), name)
+
+
+class LazyTensor:
+    """A tensor of a torch checkpoint that is not read yet: its shape and dtype, and `load()` to read it.
+    A model can then take its weights one at a time (and quantise each at once) instead of holding
+    every float32 weight at the same moment."""
+
+    def __init__(self, reader, key: str, meta):
+        self.reader, self.key, self.meta = reader, key, meta
+
+    @property
+    def shape(self):
+        return self.meta.shape
+
+    @property
+    def dtype(self):
+        return self.meta.dtype
+
+    def load(self):
+        import torch
+
+        raw = bytearray(self.reader.get_record(f"data/{self.key}"))
+        base = torch.frombuffer(raw, dtype=self.meta.dtype) if raw else torch.empty(0, dtype=self.meta.dtype)
+        t = base.as_strided(self.meta.shape, self.meta.stride(), self.meta.storage_offset())
+        return t if t.numel() == base.numel() and t.is_contiguous() else t.clone()
+
+
+def real(value):
+    """A tensor, reading a LazyTensor."""
+    return value.load() if isinstance(value, LazyTensor) else value
+
+
+def read_weights_lazily(fileobj, where: str) -> dict:
+    """A torch zip checkpoint's state dict as {name: LazyTensor}, through torch's weights-only
+    unpickler (tensors and plain containers only), with each tensor's bytes left in the file."""
+    import pickle
+
+    import torch
+    import torch._weights_only_unpickler as restricted
+
+    try:
+        reader = torch._C.PyTorchFileReader(fileobj)
+        if reader.has_record("byteorder") and reader.get_record("byteorder").decode() != "little":
+            raise CheckpointError(f"{where}: big-endian weights are not supported")
+        storages = {}
+
+        def persistent_load(saved_id):
+            _, storage_type, key, _location, numel = saved_id
+            dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
+            meta = torch.UntypedStorage(int(numel) * torch.empty(0, dtype=dtype).element_size(), device="meta")
+            storages[meta._cdata] = (key, meta)
+            return torch.storage.TypedStorage(wrap_storage=meta, dtype=dtype, _internal=True)
+
+        import io
+
+        unpickler = restricted.Unpickler(io.BytesIO(reader.get_record("data.pkl")), encoding="utf-8")
+        unpickler.persistent_load = persistent_load
+        state = unpickler.load()
+    except CheckpointError:
+        raise
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{where}: refusing to load weights that carry pickled objects other than tensors: "
+                              f"{str(e).splitlines()[0]}") from e
+    except Exception as e:
+        raise CheckpointError(f"{where}: not a readable torch weights file: {e}") from e
+    state = _state_dict_of(state, where)
+    out = {}
+    for name, t in state.items():
+        if isinstance(t, torch.Tensor):
+            key, _ = storages[t.untyped_storage()._cdata]
+            out[name] = LazyTensor(reader, key, t)
+        else:
+            out[name] = t
+    return out
+
+
+def read_archive_weights_lazily(path: Path, name: str) -> dict:
+    """As read_archive_weights, but {name: LazyTensor}; an uncompressed archive only (else: None)."""
+    try:
+        tar = tarfile.open(path, mode="r:")
+    except tarfile.ReadError:
+        return None
+    member = _archive_member(tar, path, name)  # the tar stays open while the tensors are read
+    return read_weights_lazily(member, name)
+
+
+def _archive_member(tar: tarfile.TarFile, path: Path, name: str):
+    for member in tar.getmembers():
+        if member.isfile() and str(_safe_member_path(path, member)) == name:
+            return tar.extractfile(member)
+    raise CheckpointError(f"{path}: no {name} in the archive")
+
+
+def nemo_to_serinus_state_dict(state: dict) -> dict:
+    """Rename a NeMo EncDecMultiTaskModel state dict to our module names; drop derived tensors."""
+    tied, embedding = state.get("log_softmax.mlp.layer0.weight"), state.get(
+        "transf_decoder._embedding.token_embedding.weight"
+    )
+    if tied is not None and embedding is not None and not bool((real(tied) == real(embedding)).all()):
+        raise CheckpointError("the output head weight is not tied to the token embedding; this model is not supported")
+    return {rename(key): value for key, value in state.items() if key not in DERIVED_KEYS}
+
+
+def ctc_to_serinus_state_dict(state: dict) -> dict:
+    out = {}
+    for key, value in state.items():
+        if key.startswith("preprocessor.featurizer."):
+            continue
+        out[key.replace("decoder.decoder_layers.0.", "head.")] = value
+    return out
+
+
+def check_state(module, state: dict, where: str) -> None:
+    """An error naming every missing or unexpected key, or a wrong shape, of `state` for `module`
+    (values: tensors, or anything with a `.shape`, such as a LazyTensor)."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {', '.join(missing[:10])}" + (" ..." if len(missing) > 10 else ""))
+        if unexpected:
+            parts.append(f"unexpected keys: {', '.join(unexpected[:10])}" + (" ..." if len(unexpected) > 10 else ""))
+        raise CheckpointError(f"{where}: weights do not match the model built from its config; " + "; ".join(parts))
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise CheckpointError(
+                f"{where}: weight {key} has shape {tuple(value.shape)}, the config implies {tuple(expected[key].shape)}"
+            )
+
+
+def _shared_parameters(module) -> list[list[str]]:
+    """Names of parameters one module object shares between names (e.g. untie_biases=False position biases)."""
+    shared = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        shared.setdefault(id(param), []).append(name)
+    return [names for names in shared.values() if len(names) > 1]
+
+
+def _retie(module, shared: list[list[str]]) -> None:
+    """Make every name of each group point at its first parameter again (assign replaced them)."""
+    for names in shared:
+        first = module.get_parameter(names[0])
+        for name in names[1:]:
+            owner, _, attr = name.rpartition(".")
+            setattr(module.get_submodule(owner), attr, first)
+
+
+def load_state(module, state: dict, where: str, assign: bool = False) -> None:
+    """load_state_dict(strict) with an error naming every missing or unexpected key. `assign`: the
+    module takes the given tensors as its own (no copy; for a module built on the meta device)."""
+    import torch
+
+    check_state(module, state, where)
+    if not assign:
+        with torch.no_grad():
+            module.load_state_dict(state, strict=True)
+        return
+    shared = _shared_parameters(module)
+    module.load_state_dict(state, strict=True, assign=True)
+    _retie(module, shared)
+
+
+def build_loaded(make, state: dict, where: str, dtype: str = "float32", pack: bool = False):
+    """`make()` built on the meta device, then given `state` as its weights (assign: no copy, no random
+    init; the derived buffers, filterbank and position tables, are made on the CPU even there); then `dtype`;
+    then, with `pack`, its Linear layers packed for CPU inference (serinus.precision)."""
+    import torch
+
+    from serinus.precision import PackedLinear, pack_linear_layers, quantize_linear_int8, set_dtype
+
+    with torch.device("meta"):
+        model = make()
+    lazy = any(isinstance(v, LazyTensor) for v in state.values())
+    if lazy and dtype == "int8":
+        _load_streaming(model, state, where, quantize_linear_int8)
+    elif lazy and pack:
+        to_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+        _load_streaming(model, state, where, lambda linear: PackedLinear(linear.to(to_dtype)))
+    else:
+        load_state(model, {k: real(v) for k, v in state.items()}, where, assign=True)
+    del state
+    left = [name for name, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise CheckpointError(f"{where}: {', '.join(left[:5])} neither loaded nor computed")
+    model = set_dtype(model.eval(), dtype)
+    return pack_linear_layers(model) if pack else model
+
+
+def _load_streaming(model, state: dict, where: str, convert) -> None:
+    """Give a meta-device `model` its weights module by module, replacing each Linear layer by
+    `convert(layer)` (int8-quantised, or packed for the CPU) as soon as it holds its float32 weights:
+    only one float32 weight matrix is in memory at a time, so loading peaks near the converted
+    model's size, not at the float32 model plus its converted copy."""
+    from torch import nn
+
+    check_state(model, state, where)
+    shared = _shared_parameters(model)
+    for name in [n for n, _ in model.named_modules()]:  # names only: a list of modules would keep
+        module = model.get_submodule(name)              # every float32 Linear alive to the end
+        prefix = name + "." if name else ""
+        own = {k: real(state[prefix + k]) for k in list(module._parameters) + list(module._buffers)
+               if prefix + k in state}
+        if own:
+            module.load_state_dict(own, strict=False, assign=True)
+        if type(module) is nn.Linear and name:
+            owner, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(owner) if owner else model, attr, convert(module))
+        del module, own
+    _retie(model, shared)
