@@ -76,7 +76,7 @@ def extract_nemo(path: str | os.PathLike, dest: str | os.PathLike, skip: tuple[s
     return dest
 
 
-# -- reading NeMo archives -------------------------------------------------------------------
+# -- NeMo's archive members and parameter names ---------------------------------------------
 
 CONFIG_FILE = "model_config.yaml"
 WEIGHTS_FILE = "model_weights.ckpt"

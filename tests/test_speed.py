@@ -9,9 +9,9 @@ from conftest import AUDIO, FIXTURES
 from serinus import CanaryModel
 from serinus import precision
 from serinus.audio import load_audio
-from serinus.weights import WEIGHTS_FILE, extract_nemo, nemo_to_serinus_state_dict, read_weights
 from serinus.decoding import greedy_decode
 from serinus.model.canary import CanaryModel as Model
+from serinus.weights import WEIGHTS_FILE, extract_nemo, nemo_to_serinus_state_dict, read_weights
 
 CLIPS = sorted(str(p) for p in AUDIO.glob("*_0*.wav"))
 
