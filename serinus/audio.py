@@ -325,6 +325,27 @@ class LogMel(nn.Module):
             self.window, self.fb = self._make_buffers(self.fb.device)
         return self
 
+    FRAMES_PER_PIECE = 1024  # STFT frames computed at once (10 s at a 10 ms hop)
+
+    def _log_mel(self, x: torch.Tensor) -> torch.Tensor:
+        """Padded samples [B, N'] -> log-mel [B, n_mels, T'] of the frames that fit in them (no centring)."""
+        cfg = self.config
+        spec = torch.stft(
+            x, n_fft=cfg.n_fft, hop_length=cfg.hop_length, win_length=cfg.win_length,
+            window=self.window.float(), center=False, return_complex=True,
+        )  # [B, F, T'] complex
+        # NeMo's exact op order: sqrt(re^2 + im^2), then ^mag_power (not |X|^2 directly).
+        mag = torch.view_as_real(spec).pow(2).sum(-1).sqrt()  # [B, F, T']
+        if cfg.mag_power != 1.0:
+            mag = mag.pow(cfg.mag_power)
+        feats = torch.matmul(self.fb.float(), mag)  # [n_mels, F] @ [B, F, T'] -> [B, n_mels, T']
+        if cfg.log:
+            if cfg.log_zero_guard_type == "add":
+                feats = torch.log(feats + cfg.log_zero_guard_value)
+            else:
+                feats = torch.log(feats.clamp(min=cfg.log_zero_guard_value))
+        return feats
+
     def forward(self, audio: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """audio [B, N] float, lengths [B] (valid samples) -> (features [B, n_mels, T], frames [B]).
 
@@ -348,20 +369,17 @@ class LogMel(nn.Module):
         time_mask = torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]  # [B, N]
         x = x.masked_fill(~time_mask, 0.0)
 
-        spec = torch.stft(
-            x, n_fft=cfg.n_fft, hop_length=cfg.hop_length, win_length=cfg.win_length,
-            window=self.window.float(), center=True, pad_mode="constant", return_complex=True,
-        )  # [B, F, T] complex
-        # NeMo's exact op order: sqrt(re^2 + im^2), then ^mag_power (not |X|^2 directly).
-        mag = torch.view_as_real(spec).pow(2).sum(-1).sqrt()  # [B, F, T]
-        if cfg.mag_power != 1.0:
-            mag = mag.pow(cfg.mag_power)
-        feats = torch.matmul(self.fb.float(), mag)  # [n_mels, F] @ [B, F, T] -> [B, n_mels, T]
-        if cfg.log:
-            if cfg.log_zero_guard_type == "add":
-                feats = torch.log(feats + cfg.log_zero_guard_value)
-            else:
-                feats = torch.log(feats.clamp(min=cfg.log_zero_guard_value))
+        # The centred STFT as NeMo computes it, in pieces of frames: a long input's spectrum is never
+        # held whole (a 77 s clip's complex spectrum and its magnitudes are ~50 MB at once otherwise).
+        # Each frame's FFT sees only its own samples, so the pieces are the frames of the whole.
+        pad = cfg.n_fft // 2
+        x = nn.functional.pad(x, (pad, pad))
+        n_frames = (x.shape[1] - cfg.n_fft) // cfg.hop_length + 1
+        pieces = []
+        for j0 in range(0, n_frames, self.FRAMES_PER_PIECE):
+            j1 = min(j0 + self.FRAMES_PER_PIECE, n_frames)
+            pieces.append(self._log_mel(x[:, j0 * cfg.hop_length : (j1 - 1) * cfg.hop_length + cfg.n_fft]))
+        feats = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)  # [B, n_mels, T]
 
         valid = torch.arange(feats.shape[-1], device=x.device)[None, :] < frames[:, None]  # [B, T]
         if cfg.normalize == "per_feature":

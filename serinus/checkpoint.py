@@ -13,7 +13,7 @@ import os
 import tarfile
 from pathlib import Path, PurePosixPath
 
-from serinus.allocator import keep_freed_memory
+from serinus.allocator import keep_freed_memory, returning_freed_memory
 from serinus.weights import (ALIGNER_CONFIG_FILE, ALIGNER_WEIGHTS_FILE, CONFIG_FILE, WEIGHTS_FILE,
                              CheckpointError, build_loaded, ctc_to_serinus_state_dict, extract_nemo,
                              load_state, nemo_to_serinus_state_dict, read_archive_weights,
@@ -202,11 +202,13 @@ def load_model(path_or_id: str | os.PathLike, device="cpu", dtype: str = "float3
     On a CPU the Linear layers are packed for inference (frozen; serinus.precision) unless
     `for_training`: then they stay plain nn.Linear layers, to train. On a CPU, freed memory is kept
     for reuse from then on (serinus.allocator)."""
-    if _on_cpu(device):
-        keep_freed_memory()
     kind, path = _resolve(path_or_id)
     load = load_own if kind == "own" else load_nemo
-    return load(path, device, dtype, pack=not for_training)
+    with returning_freed_memory():  # the float32 buffers of streamed weights go back for good
+        model = load(path, device, dtype, pack=not for_training)
+    if _on_cpu(device):
+        keep_freed_memory()
+    return model
 
 
 # -- CTC models -------------------------------------------------------------------------------

@@ -15,6 +15,9 @@ values, summed in another order).
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+
 import torch
 from torch import nn
 
@@ -149,22 +152,53 @@ def pack_linear_layers(model: nn.Module) -> nn.Module:
     return model
 
 
+@contextlib.contextmanager
+def _quiet_quantization():
+    """torch 2.13 announces on every call that torch.ao's eager quantisation and quantised tensors are
+    deprecated (torchao replaces them); a user asking for int8 needs that once from us, not per layer."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.ao\.quantization is deprecated", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=r".*quantized tensor creation functions", category=UserWarning)
+        yield
+
+
 def quantize_linear_int8(linear: nn.Linear) -> nn.Module:
     """One float32 Linear layer, dynamically quantised (int8 weights, one scale per output row)."""
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
-    linear.qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
-    return DynamicLinear.from_float(linear)
+    with _quiet_quantization():
+        linear.qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
+        return DynamicLinear.from_float(linear)
+
+
+def is_pointwise_conv(parent: nn.Module, name: str, child: nn.Module) -> bool:
+    """A conv module's pointwise (kernel-1) conv: a Linear layer over the channels."""
+    from serinus.model.encoder import ConvModule
+
+    return isinstance(parent, ConvModule) and name.startswith("pointwise_conv") and isinstance(child, nn.Conv1d)
+
+
+def quantize_pointwise_conv_int8(conv: nn.Conv1d) -> nn.Module:
+    """A kernel-1 Conv1d as the int8 Linear layer it is (a quarter of its float32 bytes: 39 MB less
+    for the 180m-flash architecture's 17 conv modules)."""
+    linear = nn.Linear(conv.in_channels, conv.out_channels, bias=conv.bias is not None)
+    linear.weight, linear.bias = nn.Parameter(conv.weight.detach().squeeze(-1)), conv.bias
+    return quantize_linear_int8(linear)
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:
-    """Dynamic int8 quantisation of the Linear layers of the encoder and decoder, and of the tied
-    output head (a quantised copy of the token embedding; the embedding itself stays float32)."""
+    """Dynamic int8 quantisation of the Linear layers of the encoder and decoder (the conv modules'
+    pointwise convs among them), and of the tied output head (a quantised copy of the token embedding; the embedding itself stays float32)."""
     from torch.ao.quantization import quantize_dynamic
 
     # one weight scale per output row: a row of small weights keeps its precision beside a row of
     # large ones (a trained 30-minute model lost 3.8 points of WER with one scale per matrix)
-    quantize_dynamic(model, {nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig}, inplace=True)
+    with _quiet_quantization():
+        quantize_dynamic(model, {nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig}, inplace=True)
+    for module in model.modules():
+        for name, child in list(module.named_children()):
+            if is_pointwise_conv(module, name, child):
+                setattr(module, name, quantize_pointwise_conv_int8(child))
     decoder = getattr(model, "decoder", None)
     if decoder is not None and hasattr(decoder, "head_bias"):
         head = nn.Linear(decoder.cfg.hidden_size, decoder.cfg.vocab_size)

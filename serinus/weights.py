@@ -353,17 +353,25 @@ def build_loaded(make, state: dict, where: str, dtype: str = "float32", pack: bo
     init; the derived buffers, filterbank and position tables, are made on the CPU even there); then `dtype`;
     then, with `pack`, its Linear layers packed for CPU inference (serinus.precision)."""
     import torch
+    from torch import nn
 
-    from serinus.precision import PackedLinear, pack_linear_layers, quantize_linear_int8, set_dtype
+    from serinus.precision import (PackedLinear, is_pointwise_conv, pack_linear_layers, quantize_linear_int8,
+                                   quantize_pointwise_conv_int8, set_dtype)
 
     with torch.device("meta"):
         model = make()
     lazy = any(isinstance(v, LazyTensor) for v in state.values())
     if lazy and dtype == "int8":
-        _load_streaming(model, state, where, quantize_linear_int8)
+        def to_int8(parent, name, module):
+            if type(module) is nn.Linear:
+                return quantize_linear_int8(module)
+            return quantize_pointwise_conv_int8(module) if is_pointwise_conv(parent, name, module) else None
+
+        _load_streaming(model, state, where, to_int8)
     elif lazy and pack:
         to_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
-        _load_streaming(model, state, where, lambda linear: PackedLinear(linear.to(to_dtype)))
+        _load_streaming(model, state, where,
+                        lambda parent, name, module: PackedLinear(module.to(to_dtype)) if type(module) is nn.Linear else None)
     else:
         load_state(model, {k: real(v) for k, v in state.items()}, where, assign=True)
     del state
@@ -375,12 +383,11 @@ def build_loaded(make, state: dict, where: str, dtype: str = "float32", pack: bo
 
 
 def _load_streaming(model, state: dict, where: str, convert) -> None:
-    """Give a meta-device `model` its weights module by module, replacing each Linear layer by
-    `convert(layer)` (int8-quantised, or packed for the CPU) as soon as it holds its float32 weights:
+    """Give a meta-device `model` its weights module by module, replacing a module by
+    `convert(parent, name, module)` where that gives one (a Linear layer int8-quantised, or packed for
+    the CPU) as soon as it holds its float32 weights:
     only one float32 weight matrix is in memory at a time, so loading peaks near the converted
     model's size, not at the float32 model plus its converted copy."""
-    from torch import nn
-
     check_state(model, state, where)
     shared = _shared_parameters(model)
     for name in [n for n, _ in model.named_modules()]:  # names only: a list of modules would keep
@@ -390,8 +397,12 @@ def _load_streaming(model, state: dict, where: str, convert) -> None:
                if prefix + k in state}
         if own:
             module.load_state_dict(own, strict=False, assign=True)
-        if type(module) is nn.Linear and name:
+        if name:
             owner, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(owner) if owner else model, attr, convert(module))
+            parent = model.get_submodule(owner) if owner else model
+            converted = convert(parent, attr, module)
+            if converted is not None:
+                setattr(parent, attr, converted)
+            del parent, converted
         del module, own
     _retie(model, shared)

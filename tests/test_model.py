@@ -201,3 +201,24 @@ def test_subsampling_inference_path_matches_training_path():
     del sub._convs
     assert len(calls) > 1 and torch.equal(out1_len, ref_len[:1])
     torch.testing.assert_close(out1, ref[:1].detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_inference_attention_in_head_groups_is_the_attention_of_all_heads():
+    # without autograd the position biases are built a few heads at a time (a long input's
+    # [B, H, T, T] is never held whole): the output is the all-heads one, exactly, padding included
+    from serinus.model.encoder import RelPositionMultiHeadAttention, relative_positions
+
+    torch.manual_seed(0)
+    attn = RelPositionMultiHeadAttention(64, 4, True, 0.0).eval()
+    t = 37
+    x, pos = torch.randn(2, t, 64), relative_positions(t, 64, "cpu", torch.float32)
+    valid = torch.arange(t)[None] < torch.tensor([[t], [20]])
+    mask = (valid[:, None, :, None] & valid[:, None, None, :])
+    with torch.inference_mode():
+        attn.BIAS_BYTES = 1 << 40
+        all_heads = attn(x, pos, mask)
+        attn.BIAS_BYTES = 1  # one head at a time
+        one_by_one = attn(x, pos, mask)
+    assert torch.equal(all_heads, one_by_one)
+    with torch.enable_grad():  # the training path: the same values (to rounding)
+        torch.testing.assert_close(attn(x, pos, mask), all_heads, rtol=1e-5, atol=1e-5)

@@ -212,3 +212,16 @@ def test_models_load_packed_for_inference_and_plain_for_training(model, float32_
     again = load_any(tmp_path / "m")  # training's loader: plain layers
     for name, tensor in plain.state_dict().items():
         assert torch.equal(again.state_dict()[name], tensor), name
+
+
+def test_int8_quantises_the_pointwise_convs_and_loading_gives_memory_back():
+    """int8 makes the conv modules' kernel-1 convs the int8 Linear layers they are; the streamed
+    load and the whole-model quantisation agree on them (the earlier test compares every weight)."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    m = CanaryModel.from_pretrained(FIXTURES / "tiny_canary2.nemo", dtype="int8")
+    convs = [layer.conv for layer in m.encoder.layers]
+    assert convs and all(isinstance(c.pointwise_conv1, DynamicLinear) and isinstance(c.pointwise_conv2, DynamicLinear)
+                         for c in convs)
+    assert not any(type(mod) is torch.nn.Linear for mod in m.modules())  # every Linear is int8
+    assert m.transcribe(CLIPS[:1])[0].text  # and it runs

@@ -204,6 +204,8 @@ def rel_shift(x: Tensor) -> Tensor:
 
 
 class RelPositionMultiHeadAttention(nn.Module):
+    BIAS_BYTES = 8 << 20  # inference: position biases held at once (heads are grouped to fit)
+
     def __init__(self, d_model: int, n_heads: int, use_bias: bool, dropout: float):
         super().__init__()
         self.n_heads, self.d_head = n_heads, d_model // n_heads
@@ -234,11 +236,32 @@ class RelPositionMultiHeadAttention(nn.Module):
         # as the Linear layers), and its shift (a view) and mask make one pass over that head's
         # [B, T, T]: 3x faster than one batched matmul over [B, H] and one pass over [B, H, T, T].
         q_v = ((q + v) * scale).permute(2, 0, 1, 3).reshape(h, b * t, d)
-        bias = torch.stack([torch.where(mask[:, 0], rel_shift(unpacked_linear(q_v[i], p[i], None).view(b, t, -1)),
-                                        -10000.0) for i in range(h)], dim=1)  # [B, H, T, T]
-        out = F.scaled_dot_product_attention(
-            q_u, k, val, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0, scale=scale
-        )
+
+        masked = q_u.new_tensor(-10000.0)
+
+        def position_bias(i: int, out: Tensor | None = None) -> Tensor:  # head i's, shifted, masked: [B, T, T]
+            return torch.where(mask[:, 0], rel_shift(unpacked_linear(q_v[i], p[i], None).view(b, t, -1)), masked,
+                               out=out)
+
+        if torch.is_grad_enabled():
+            bias = torch.stack([position_bias(i) for i in range(h)], dim=1)  # [B, H, T, T]
+            out = F.scaled_dot_product_attention(
+                q_u, k, val, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0, scale=scale
+            )
+        else:
+            # Inference: a few heads at a time, each head's bias written in place, so a long input's
+            # [B, H, T, T] bias is never held whole (30 MB a layer for 77 s at 8 heads, and as much
+            # again to stack it); each head's attention is its own, so the result is the same.
+            group = max(1, min(h, self.BIAS_BYTES // (b * t * t * q_u.element_size())))
+            outs = []
+            for h0 in range(0, h, group):
+                h1 = min(h, h0 + group)
+                bias = q_u.new_empty(b, h1 - h0, t, t)
+                for i in range(h0, h1):
+                    position_bias(i, out=bias[:, i - h0])
+                outs.append(F.scaled_dot_product_attention(q_u[:, h0:h1], k[:, h0:h1], val[:, h0:h1], attn_mask=bias,
+                                                           scale=scale))
+            out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # [B, H, T, d]
         # rows of padded queries attend to nothing in NeMo: zero them
         out = out.masked_fill(~mask.any(-1, keepdim=True), 0.0)
         return self.linear_out(out.transpose(1, 2).reshape(b, t, h * d))
@@ -287,9 +310,12 @@ class ConvModule(nn.Module):
         return _pointwise(F.silu(x), self.pointwise_conv2)
 
 
-def _pointwise(x: Tensor, conv: nn.Conv1d) -> Tensor:
-    """A kernel-1 Conv1d over the channels of time-major x [B, T, C_in] -> [B, T, C_out]."""
-    return unpacked_linear(x, conv.weight.squeeze(-1), conv.bias)
+def _pointwise(x: Tensor, conv: nn.Module) -> Tensor:
+    """A kernel-1 Conv1d over the channels of time-major x [B, T, C_in] -> [B, T, C_out]; in int8
+    mode the conv has become the Linear layer it is (serinus.precision.quantize_int8)."""
+    if isinstance(conv, nn.Conv1d):
+        return unpacked_linear(x, conv.weight.squeeze(-1), conv.bias)
+    return conv(x)
 
 
 class ConformerLayer(nn.Module):
