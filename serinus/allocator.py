@@ -39,6 +39,11 @@ def _glibc():
         return None
 
 
+def _huge_pages_for_large_tensors() -> None:
+    # torch reads this once, at its first large allocation: set before any
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+
 def keep_freed_memory(threshold: int = 1 << 30) -> bool:
     """Once per process, on Linux with glibc: freed blocks under `threshold` bytes stay in the heap.
     Returns whether the malloc settings are in effect."""
@@ -48,7 +53,7 @@ def keep_freed_memory(threshold: int = 1 << 30) -> bool:
     libc = _glibc()
     if libc is None:
         return False
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # read by torch at its next large allocation
+    _huge_pages_for_large_tensors()
     if libc.mallopt(_M_MMAP_THRESHOLD, threshold) and libc.mallopt(_M_TRIM_THRESHOLD, threshold):
         _kept_threshold = threshold
     return _kept_threshold is not None
@@ -63,6 +68,7 @@ def returning_freed_memory():
     if libc is None:
         yield
         return
+    _huge_pages_for_large_tensors()
     libc.mallopt(_M_MMAP_THRESHOLD, 256 << 10)
     try:
         yield

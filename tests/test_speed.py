@@ -62,7 +62,7 @@ def test_lazy_archive_weights_read_the_same_tensors():
 
 def test_int8_loading_streams_and_quantises_as_the_whole_model_path(monkeypatch):
     """int8 from a .nemo quantises each Linear as its weights arrive (low peak memory); the model is the
-    one quantize_dynamic makes of the whole float32 model: same quantised weights, same tokens."""
+    one quantize_int8 makes of the whole float32 model: same quantised weights, same tokens."""
     import serinus.checkpoint as ckpt
 
     path = FIXTURES / "tiny_canary2_v2style.nemo"  # with a packed CTC aligner
@@ -217,11 +217,31 @@ def test_models_load_packed_for_inference_and_plain_for_training(model, float32_
 def test_int8_quantises_the_pointwise_convs_and_loading_gives_memory_back():
     """int8 makes the conv modules' kernel-1 convs the int8 Linear layers they are; the streamed
     load and the whole-model quantisation agree on them (the earlier test compares every weight)."""
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
-
     m = CanaryModel.from_pretrained(FIXTURES / "tiny_canary2.nemo", dtype="int8")
     convs = [layer.conv for layer in m.encoder.layers]
-    assert convs and all(isinstance(c.pointwise_conv1, DynamicLinear) and isinstance(c.pointwise_conv2, DynamicLinear)
-                         for c in convs)
+    assert convs and all(isinstance(c.pointwise_conv1, precision.Int8Linear)
+                         and isinstance(c.pointwise_conv2, precision.Int8Linear) for c in convs)
     assert not any(type(mod) is torch.nn.Linear for mod in m.modules())  # every Linear is int8
     assert m.transcribe(CLIPS[:1])[0].text  # and it runs
+
+
+def test_int8_linear_is_torch_dynamic_quantisation():
+    """Int8Linear packs once what torch.ao's dynamic quantised Linear computes: the same int8
+    weights and scales (one per row, a zero row included), the same outputs, exactly."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    torch.manual_seed(0)
+    for bias in (True, False):
+        linear = torch.nn.Linear(96, 40, bias=bias)
+        linear.weight.data[3] = 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.ao's deprecation notices
+            linear.qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
+            ref = DynamicLinear.from_float(linear)
+            ref_weight = ref._packed_params._weight_bias()[0]
+        mine = precision.Int8Linear(linear.weight, linear.bias)
+        weight = mine.weight_and_bias()[0]
+        assert torch.equal(weight.int_repr(), ref_weight.int_repr())
+        assert torch.equal(weight.q_per_channel_scales(), ref_weight.q_per_channel_scales())
+        x = 3 * torch.randn(5, 96)
+        assert torch.equal(mine(x), ref(x))
