@@ -16,12 +16,11 @@ kept, they would leave the heap ~100 MB above the loaded model for the rest of t
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
 import sys
-
-import contextlib
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 _GLIBC_MMAP_THRESHOLD = 128 << 10  # glibc's default (it then adapts; any mallopt fixes it)

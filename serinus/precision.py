@@ -168,18 +168,28 @@ class Int8Linear(nn.Module):
     quantised Linear computes (the same kernels: fbgemm, VNNI/AMX where present), packed once per
     layer where torch.ao's module packs three times, two of them a matrix of zeros."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor | None = None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         w = weight.detach().float()
-        # torch's per-channel symmetric min/max observer for qint8: scale = max|w| / 127.5 per row
-        scale = (torch.maximum(-w.amin(dim=1), w.amax(dim=1)).clamp(min=0) / 127.5).clamp(
-            min=torch.finfo(torch.float32).eps)
+        if scale is None:  # torch's per-channel symmetric min/max observer for qint8: max|w| / 127.5 per row
+            scale = (torch.maximum(-w.amin(dim=1), w.amax(dim=1)).clamp(min=0) / 127.5).clamp(
+                min=torch.finfo(torch.float32).eps)
         zero = torch.zeros(len(scale), dtype=torch.int64)
         with _quiet_quantization():
             q = torch.quantize_per_channel(w, scale.double(), zero, 0, torch.qint8)
         b = None if bias is None else bias.detach().float()
         self._packed = torch.ops.quantized.linear_prepack(q, b)
+
+    @classmethod
+    def stacked(cls, layers: list["Int8Linear"]) -> "Int8Linear":
+        """One layer computing `layers` side by side (their outputs concatenated on the last axis):
+        the same int8 rows and scales, so the same results, from one call."""
+        weights, biases = zip(*(layer.weight_and_bias() for layer in layers))
+        scales = torch.cat([w.q_per_channel_scales() for w in weights]).float()
+        dense = torch.cat([w.dequantize() for w in weights])  # int8 x its row's scale: requantises exactly
+        bias = None if any(b is None for b in biases) else torch.cat(biases)
+        return cls(dense, bias, scales)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # reduce_range: activations use 7 bits, as torch.ao's module does (no overflow in VPMADDUBSW)
@@ -229,6 +239,11 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     decoder = getattr(model, "decoder", None)
     if decoder is not None and hasattr(decoder, "head_bias"):
         decoder.quantized_head = Int8Linear(decoder.token_embedding.weight, decoder.head_bias)
+        for block in decoder.blocks:  # one call for the self-attention's three projections
+            attn = block.self_attn
+            if attn.qkv is None:
+                attn.qkv = Int8Linear.stacked([attn.query, attn.key, attn.value])
+                del attn.query, attn.key, attn.value
     return model
 
 

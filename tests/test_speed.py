@@ -245,3 +245,16 @@ def test_int8_linear_is_torch_dynamic_quantisation():
         assert torch.equal(weight.q_per_channel_scales(), ref_weight.q_per_channel_scales())
         x = 3 * torch.randn(5, 96)
         assert torch.equal(mine(x), ref(x))
+
+
+def test_int8_stacks_the_self_attention_projections_exactly():
+    """int8 runs the decoder's self-attention query, key and value as one stacked layer: the same
+    int8 rows and scales, so the outputs of the three layers, exactly, from one call."""
+    torch.manual_seed(0)
+    layers = [precision.Int8Linear(torch.randn(24, 16), torch.randn(24)) for _ in range(3)]
+    stacked = precision.Int8Linear.stacked(layers)
+    x = torch.randn(2, 5, 16)
+    assert torch.equal(stacked(x), torch.cat([layer(x) for layer in layers], dim=-1))
+    m = CanaryModel.from_pretrained(FIXTURES / "tiny_canary2.nemo", dtype="int8")
+    attn = m.decoder.blocks[0].self_attn
+    assert isinstance(attn.qkv, precision.Int8Linear) and not hasattr(attn, "query")

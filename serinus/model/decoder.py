@@ -78,6 +78,9 @@ class Attention(nn.Module):
         self.value = nn.Linear(hidden, hidden)
         self.out = nn.Linear(hidden, hidden)
         self.dropout = dropout
+        # int8 inference: query, key and value stacked into one layer (serinus.precision.quantize_int8),
+        # one call instead of three, whose input is quantised once
+        self.qkv: nn.Module | None = None
 
     def split_heads(self, x: Tensor) -> Tensor:  # [B, L, D] -> [B, H, L, d]
         return x.view(x.shape[0], x.shape[1], self.n_heads, self.d_head).transpose(1, 2)
@@ -85,9 +88,17 @@ class Attention(nn.Module):
     def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self.split_heads(self.key(x)), self.split_heads(self.value(x))
 
-    def forward(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-        # x: [B, Lq, D]; k, v: [B, H, Lk, d]; mask: additive, broadcastable to [B, H, Lq, Lk]
-        q = self.split_heads(self.query(x))
+    def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Self-attention's queries, keys and values [B, H, L, d] of x [B, L, D]."""
+        if self.qkv is None:
+            return (self.split_heads(self.query(x)), *self.project_kv(x))
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return self.split_heads(q), self.split_heads(k), self.split_heads(v)
+
+    def forward(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, q: Tensor | None = None) -> Tensor:
+        # x: [B, Lq, D]; k, v: [B, H, Lk, d]; mask: additive, broadcastable to [B, H, Lq, Lk];
+        # q: the queries [B, H, Lq, d] where already projected (self-attention), else from x
+        q = self.split_heads(self.query(x)) if q is None else q
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
         )
@@ -142,10 +153,10 @@ class DecoderBlock(nn.Module):
 
     def forward(self, x, self_mask, cross_kv, cross_mask, cache: KVCache | None = None) -> Tensor:
         y = self.self_attn_norm(x)
-        k, v = self.self_attn.project_kv(y)
+        q, k, v = self.self_attn.project_qkv(y)
         if cache is not None:  # attend to the keys/values of earlier positions too
             k, v = cache.append(k, v)
-        x = x + self.dropout(self.self_attn(y, k, v, self_mask))
+        x = x + self.dropout(self.self_attn(y, k, v, self_mask, q=q))
         x = x + self.dropout(self.cross_attn(self.cross_attn_norm(x), *cross_kv, cross_mask))
         x = x + self.dropout(self.mlp_out(self.act(self.mlp_in(self.mlp_norm(x)))))
         return x
