@@ -1,8 +1,10 @@
 """Precision modes of a loaded model: float32, bfloat16 (weights and compute), int8 (dynamic).
 
-int8 quantises every Linear layer of the encoder and decoder, and the decoder's output head, to
-int8 weights with per-step int8 activations (torch's dynamic quantisation; its x86 kernels use
-AVX-512 VNNI / AMX where present); the front end, convolutions, norms and attention stay float32.
+int8 quantises every Linear layer of the encoder and decoder (the conv modules' pointwise convs
+among them; the decoder's self-attention query, key and value stacked into one), and the decoder's
+output head, to int8 weights with per-step int8 activations (`Int8Linear`: torch's dynamic
+quantisation, whose x86 kernels use AVX-512 VNNI / AMX where present); the front end, the other
+convolutions, norms and attention stay float32.
 bfloat16 runs everything after the front end in bf16; on a CPU this only pays with native bf16
 instructions (AVX-512 BF16 or AMX), so it is refused on CPUs without them.
 

@@ -214,7 +214,7 @@ def test_models_load_packed_for_inference_and_plain_for_training(model, float32_
         assert torch.equal(again.state_dict()[name], tensor), name
 
 
-def test_int8_quantises_the_pointwise_convs_and_loading_gives_memory_back():
+def test_int8_quantises_the_pointwise_convs():
     """int8 makes the conv modules' kernel-1 convs the int8 Linear layers they are; the streamed
     load and the whole-model quantisation agree on them (the earlier test compares every weight)."""
     m = CanaryModel.from_pretrained(FIXTURES / "tiny_canary2.nemo", dtype="int8")
