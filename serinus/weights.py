@@ -221,12 +221,14 @@ class LazyTensor:
         import torch
 
         file, zip_offset = self.source
-        header = os.pread(file.fileno(), 30, zip_offset + self.reader.get_record_header_offset(record))
+        header_offset = zip_offset + self.reader.get_record_header_offset(record)
+        header = os.pread(file.fileno(), 30, header_offset)  # the zip entry's local header
         if header[:4] != b"PK\x03\x04" or int.from_bytes(header[8:10], "little") != 0:  # 0: stored
             return None
-        size = self.reader.get_record_size(record)
-        buf = torch.empty(size, dtype=torch.uint8).numpy()
-        offset, view = zip_offset + self.reader.get_record_offset(record), memoryview(buf)
+        # the data follow the header, its file name and its extra field (lengths at bytes 26 and 28)
+        offset = header_offset + 30 + int.from_bytes(header[26:28], "little") + int.from_bytes(header[28:30], "little")
+        buf = torch.empty(self.reader.get_record_size(record), dtype=torch.uint8).numpy()
+        view = memoryview(buf)
         while view.nbytes:
             n = os.preadv(file.fileno(), [view], offset)
             if n <= 0:
@@ -387,19 +389,13 @@ def build_loaded(make, state: dict, where: str, dtype: str = "float32", pack: bo
     import torch
     from torch import nn
 
-    from serinus.precision import (PackedLinear, is_pointwise_conv, pack_linear_layers, quantize_linear_int8,
-                                   quantize_pointwise_conv_int8, set_dtype)
+    from serinus.precision import PackedLinear, int8_layer, pack_linear_layers, set_dtype
 
     with torch.device("meta"):
         model = make()
     lazy = any(isinstance(v, LazyTensor) for v in state.values())
     if lazy and dtype == "int8":
-        def to_int8(parent, name, module):
-            if type(module) is nn.Linear:
-                return quantize_linear_int8(module)
-            return quantize_pointwise_conv_int8(module) if is_pointwise_conv(parent, name, module) else None
-
-        _load_streaming(model, state, where, to_int8)
+        _load_streaming(model, state, where, int8_layer)
     elif lazy and pack:
         to_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
         _load_streaming(model, state, where,
