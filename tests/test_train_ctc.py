@@ -125,7 +125,9 @@ def test_ctc_task_refuses_an_aggregate_tokenizer(tmp_path):
         T.make_task(cfg).build_model(T.build_tokenizer(cfg))
 
 
-def test_ctc_counts_only_transcription_rows_and_follows_its_schedule(tmp_path):
+def test_ctc_spells_what_is_said_and_follows_its_schedule(tmp_path):
+    """A translation row's CTC target is its manifest's `source_text` (the same audio's transcript);
+    a translation row without one adds no CTC loss."""
     from serinus.data.dataset import PromptedDataset
 
     ast = DATA / "synth-v1" / "ast_train.jsonl"
@@ -137,15 +139,25 @@ def test_ctc_counts_only_transcription_rows_and_follows_its_schedule(tmp_path):
     torch.manual_seed(0)
     model = task.build_model(tok).eval()
     cuts = list(T.load_cuts(cfg["train_ds"]))
-    pairs = {(c.supervisions[0].custom or {}).get("source_lang", "en") + "-"
-             + (c.supervisions[0].custom or {}).get("target_lang", "en") for c in cuts}
+    custom = lambda c: c.supervisions[0].custom or {}  # noqa: E731
+    pairs = {custom(c).get("source_lang", "en") + "-" + custom(c).get("target_lang", "en") for c in cuts}
     assert pairs == {"en-en", "en-de"}
-    asr = [c for c in cuts if (c.supervisions[0].custom or {}).get("target_lang") == "en"][:2]
-    ast_cuts = [c for c in cuts if (c.supervisions[0].custom or {}).get("target_lang") == "de"][:2]
+    ast_cuts = [c for c in cuts if custom(c).get("target_lang") == "de"][:2]
+    by_audio = {c.recording.sources[0].source: c for c in cuts if custom(c).get("target_lang") == "en"}
+    asr = [by_audio[c.recording.sources[0].source] for c in ast_cuts]  # the same audio, transcribed
+    assert [custom(c)["source_text"] for c in ast_cuts] == [c.supervisions[0].text for c in asr]
     ds = PromptedDataset(tok, "canary2")
-    _, mixed = task.loss(model, ds[asr + ast_cuts], torch.device("cpu"))
+    batch = ds[asr + ast_cuts]
+    assert torch.equal(batch.spoken[:2], batch.spoken[2:]) and torch.equal(batch.spoken_lens[:2], batch.spoken_lens[2:])
+    _, mixed = task.loss(model, batch, torch.device("cpu"))
     _, only_asr = task.loss(model, ds[asr], torch.device("cpu"))
-    torch.testing.assert_close(mixed["ctc"], only_asr["ctc"], atol=1e-5, rtol=1e-4)  # AST rows add nothing
+    torch.testing.assert_close(mixed["ctc"], only_asr["ctc"], atol=1e-5, rtol=1e-4)  # same audio, same text
+    bare = [c for c in ast_cuts]
+    for c in bare:
+        c.supervisions[0].custom = {k: v for k, v in custom(c).items() if k != "source_text"}
+    _, without = task.loss(model, ds[asr[:1] + bare], torch.device("cpu"))
+    _, first = task.loss(model, ds[asr[:1]], torch.device("cpu"))
+    torch.testing.assert_close(without["ctc"], first["ctc"], atol=1e-5, rtol=1e-4)  # rows without it add nothing
     loss, parts = task.loss(model.train(), ds[asr], torch.device("cpu"))  # step 0 of the schedule: w = 0.9
     torch.testing.assert_close(loss, 0.9 * parts["ctc"] + 0.1 * parts["attention"])
     task.step = 5

@@ -39,6 +39,10 @@ class PromptedBatch:
     prompted_transcript_lens: torch.Tensor
     loss_mask: torch.Tensor
     cuts: list  # the lhotse cuts, in batch order
+    # what is said, for a CTC head [B, S]: the transcript on a transcription row, the manifest's
+    # `source_text` on a translation row; length 0 where a translation row has none (no CTC loss there)
+    spoken: torch.Tensor | None = None
+    spoken_lens: torch.Tensor | None = None
 
     def decoder_inputs_outputs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher forcing: decoder input is prompted_transcript minus its last token, labels minus the first."""
@@ -201,6 +205,7 @@ class PromptedDataset(torch.utils.data.Dataset):
         prompt, prompt_lens = collate_ids([e.context_ids for e in examples], self.pad_id)
         transcript, transcript_lens = collate_ids([e.answer_ids for e in examples], self.pad_id)
         prompted, prompted_lens = collate_ids([e.input_ids for e in examples], self.pad_id)
+        spoken, spoken_lens = collate_ids([self.spoken_ids(c, e) for c, e in zip(cuts, examples)], self.pad_id)
         return PromptedBatch(
             audio=audio,
             audio_lens=audio_lens,
@@ -212,7 +217,21 @@ class PromptedDataset(torch.utils.data.Dataset):
             prompted_transcript_lens=prompted_lens,
             loss_mask=loss_mask(prompted_lens, prompt_lens, prompted.shape[1]),
             cuts=cuts,
+            spoken=spoken,
+            spoken_lens=spoken_lens,
         )
+
+    def spoken_ids(self, cut, example: PromptedExample) -> list[int]:
+        """The ids of what is said in the cut: its answer on a transcription row; on a translation
+        row the `source_text` field (NeMo-style AST manifests often carry it), in the source language."""
+        slots = cut_slots(cut)
+        source = slots.get("source_lang") or cut.supervisions[0].language
+        if (slots.get("target_lang") or source) == source:
+            return example.answer_ids
+        text = slots.get("source_text")
+        if not isinstance(text, str) or not text.strip():
+            return []
+        return self.tokenizer.text_to_ids(text, source)
 
 
 @dataclass

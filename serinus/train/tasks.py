@@ -37,14 +37,6 @@ def normalize_text(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-def _is_asr(cut) -> bool:
-    from serinus.data.dataset import cut_slots
-
-    slots = cut_slots(cut)
-    src = slots.get("source_lang") or cut.supervisions[0].language
-    return (slots.get("target_lang") or src) == src
-
-
 def _spec_augment(m: dict) -> SpecAugmentConfig | None:
     return SpecAugmentConfig(**m["spec_augment"]) if m["spec_augment"] else None
 
@@ -147,14 +139,15 @@ class AEDTask:
         parts = {"attention": attention}
         if ctc_log_probs is None or mcfg.ctc_weight <= 0:
             return attention, parts
-        # CTC spells what is said: only transcription rows count (a translation is not monotonic in the audio)
-        asr = torch.tensor([_is_asr(c) for c in batch.cuts], device=device)
-        if not bool(asr.any()):
+        # CTC spells what is said: the transcript, or on a translation row its source text where the
+        # manifest has one (a translation itself is not monotonic in the audio)
+        spoken, spoken_lens = batch.spoken.to(device), batch.spoken_lens.to(device)
+        rows = spoken_lens > 0
+        if not bool(rows.any()):
             return (1.0 - mcfg.ctc_weight) * attention, parts
-        per_utt = ctc_loss(ctc_log_probs, enc_lens, batch.transcript.to(device), batch.transcript_lens.to(device),
-                           blank=mcfg.decoder.vocab_size, reduction="none")
-        per_token = per_utt / batch.transcript_lens.to(device).clamp(min=1)
-        ctc = per_token[asr].mean()
+        per_utt = ctc_loss(ctc_log_probs, enc_lens, spoken, spoken_lens, blank=mcfg.decoder.vocab_size,
+                           reduction="none")
+        ctc = (per_utt / spoken_lens.clamp(min=1))[rows].mean()
         parts["ctc"] = ctc
         w = self.ctc_weight(mcfg.ctc_weight) if core.training else mcfg.ctc_weight
         return w * ctc + (1.0 - w) * attention, parts
