@@ -24,6 +24,9 @@ class DecodingConfig:
     max_generation_delta: int = -1  # < 0: no limit but the decoder's max_sequence_length
     return_nbest: bool = False
     ctc_weight: float = 0.0  # > 0 with a model's CTC head: joint CTC/attention beam search (serinus.joint_decoding)
+    # greedy: an int8 draft proposes tokens and the model checks several at once, where that pays
+    # (CanaryModel.speculative_draft); the same tokens either way
+    speculative: bool = True
 
     @classmethod
     def from_nemo(cls, cfg: dict | None) -> "DecodingConfig":
@@ -120,6 +123,79 @@ def greedy_decode(
 
 
 @torch.inference_mode()
+def speculative_greedy_decode(
+    decoder: TransformerDecoder,
+    draft: TransformerDecoder,
+    encoder_states: Tensor,
+    encoder_mask: Tensor,
+    prompts: Tensor,
+    limits: list[int],
+    eos_id: int,
+    vocab_size: int | None = None,
+    draft_len: int = 8,
+) -> list[list[int]]:
+    """`greedy_decode`'s result from fewer passes of `decoder`: `draft`, a cheaper copy of it (its
+    int8 copy, serinus.precision.int8_draft), proposes up to `draft_len` tokens one at a time, and
+    `decoder` checks them all in one pass (at batch 1 a pass costs reading its weights once, however
+    many positions it holds). Every token kept is `decoder`'s own argmax; the proposals only decide
+    how far one pass gets. The batch moves on by its shortest run of agreement; finished rows leave
+    it. Both decoders read `decoder`'s cross-attention keys/values."""
+    batch, prompt_len = prompts.shape
+    results: list[list[int]] = [[] for _ in range(batch)]
+    if max(limits, default=0) == 0:
+        return results
+    cross_kv = decoder.cross_kv(encoder_states)
+    cross_mask = additive_mask(encoder_mask[:, None, None, :], encoder_states.dtype)
+    capacity = prompt_len + max(limits)
+    caches, draft_caches = decoder.new_caches(capacity), draft.new_caches(capacity)
+    token = _mask_padding(decoder.step(prompts, 0, cross_kv, cross_mask, caches), vocab_size).argmax(-1)  # [b]
+    draft.step(prompts, 0, cross_kv, cross_mask, draft_caches)
+    active = torch.arange(batch, device=prompts.device)  # original index of each row still decoding
+    pos = prompt_len  # `caches` hold positions 0..pos-1; `token` (decided) goes at `pos`
+    unseen = token[:, None]  # decided tokens the draft has not read: its positions draft_length..pos
+    while True:
+        rows = active.tolist()
+        for item, tok in zip(rows, token.tolist()):
+            if tok != eos_id:
+                results[item].append(tok)
+        finished = torch.tensor([tok == eos_id or len(results[item]) >= limits[item]
+                                 for item, tok in zip(rows, token.tolist())], device=prompts.device)
+        if bool(finished.all()):
+            return results
+        if bool(finished.any()):  # drop finished rows from the batch and from every cache
+            keep = (~finished).nonzero().squeeze(1)
+            active, token, unseen = active[keep], token[keep], unseen[keep]
+            cross_kv, cross_mask = _select(cross_kv, keep), _select(cross_mask, keep)
+            caches, draft_caches = _select(caches, keep), _select(draft_caches, keep)
+            rows = active.tolist()
+        # this pass decides k + 1 tokens at most; no row may take more than its limit allows
+        k = min(draft_len, min(limits[item] - len(results[item]) for item in rows) - 1)
+        proposals, x = [], unseen
+        for _ in range(k):
+            start = draft_caches[0].length
+            x = _mask_padding(draft.step(x, start, cross_kv, cross_mask, draft_caches), vocab_size).argmax(-1)[:, None]
+            proposals.append(x)
+        block = torch.cat([token[:, None], *proposals], dim=1)  # [b, 1 + k]: positions pos .. pos + k
+        checked = _mask_padding(decoder.step(block, pos, cross_kv, cross_mask, caches, every_position=True),
+                                vocab_size).argmax(-1)  # [b, 1 + k]: the decoder's token after each position
+        agreed = int((checked[:, :k] == block[:, 1:]).int().cumprod(dim=1).sum(dim=1).min()) if k else 0
+        # decided now: block[:, 1 : agreed + 1] (the same as checked[:, :agreed]), and checked[:, agreed] next
+        nxt = checked[:, agreed].clone()
+        for r, (item, row) in enumerate(zip(rows, block[:, 1 : agreed + 1].tolist())):
+            if eos_id in row:  # the row ends inside the agreed tokens
+                row, nxt[r] = row[: row.index(eos_id)], eos_id
+            results[item].extend(row)
+        decided = torch.cat([block[:, : agreed + 1], nxt[:, None]], dim=1)  # positions pos .. pos + agreed + 1
+        for cache in caches:
+            cache.truncate(pos + agreed + 1)
+        for cache in draft_caches:
+            cache.truncate(pos + agreed + 1)
+        draft_length = draft_caches[0].length
+        unseen = torch.cat([unseen, nxt[:, None]], dim=1) if k == 0 else decided[:, draft_length - pos :]
+        pos, token = pos + agreed + 1, nxt
+
+
+@torch.inference_mode()
 def beam_search(
     decoder: TransformerDecoder,
     encoder_states: Tensor,
@@ -193,7 +269,7 @@ def beam_search(
 def _mask_padding(log_probs: Tensor, vocab_size: int | None) -> Tensor:
     """Rule out the output rows that pad the vocabulary to a multiple of 8 (no token has them)."""
     if vocab_size is not None and vocab_size < log_probs.shape[-1]:
-        log_probs[:, vocab_size:] = float("-inf")
+        log_probs[..., vocab_size:] = float("-inf")
     return log_probs
 
 

@@ -243,6 +243,40 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     return model
 
 
+def int8_draft(decoder: nn.Module) -> nn.Module:
+    """An int8 copy of a float32 or bfloat16 `TransformerDecoder`, made to propose tokens for
+    speculative greedy decoding (serinus.decoding.speculative_greedy_decode): its Linear layers and
+    output head int8 (as `quantize_int8` makes them), everything else shared with `decoder`, and no
+    cross-attention key/value layers (it reads those of `decoder`). Built one layer at a time, so
+    only one dense weight is ever copied at once."""
+    from serinus.model.decoder import TransformerDecoder
+
+    def int8(linear: nn.Module) -> Int8Linear:
+        return Int8Linear(linear.weight.float(), None if linear.bias is None else linear.bias.float())
+
+    with torch.device("meta"):
+        draft = TransformerDecoder(decoder.cfg)
+    draft.token_embedding, draft.positions = decoder.token_embedding, decoder.positions
+    draft.embedding_norm, draft.final_norm = decoder.embedding_norm, decoder.final_norm
+    draft.head_bias = decoder.head_bias
+    head = decoder.token_embedding.weight
+    draft.quantized_head = Int8Linear(head.float(), decoder.head_bias.float())
+    for mine, theirs in zip(draft.blocks, decoder.blocks):
+        for name in ("self_attn_norm", "cross_attn_norm", "mlp_norm"):
+            setattr(mine, name, getattr(theirs, name))
+        mine.mlp_in, mine.mlp_out = int8(theirs.mlp_in), int8(theirs.mlp_out)
+        attn = theirs.self_attn
+        weights = [layer.weight.float() for layer in (attn.query, attn.key, attn.value)]
+        biases = [layer.bias for layer in (attn.query, attn.key, attn.value)]
+        bias = None if any(b is None for b in biases) else torch.cat([b.float() for b in biases])
+        mine.self_attn.qkv = Int8Linear(torch.cat(weights), bias)  # per-row scales: as three layers stacked
+        del mine.self_attn.query, mine.self_attn.key, mine.self_attn.value
+        mine.self_attn.out = int8(attn.out)
+        mine.cross_attn.query, mine.cross_attn.out = int8(theirs.cross_attn.query), int8(theirs.cross_attn.out)
+        del mine.cross_attn.key, mine.cross_attn.value
+    return draft.eval()
+
+
 def model_dtype(model: nn.Module) -> str:
     """The precision mode a model runs in."""
     if any(isinstance(m, Int8Linear) for m in model.modules()):

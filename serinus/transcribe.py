@@ -41,6 +41,7 @@ def transcribe(
     length_penalty: float | None = None,
     max_generation_delta: int | None = None,
     return_nbest: bool = False,
+    speculative: bool = True,
     enable_chunking: bool = True,
     progress: bool = False,
     on_result: Callable[[Item, Hypothesis], None] | None = None,
@@ -55,6 +56,9 @@ def transcribe(
     format such as decodercontext, itn, emotion) come from the keyword arguments, else from
     the manifest entry, else the defaults en -> en with punctuation.
     Decoding: beam_size 1 is greedy; unset options come from the checkpoint's decoding config.
+    speculative: greedy decoding of a large float32 model on a CPU checks an int8 draft's tokens
+    several at a time (the same tokens, fewer passes; CanaryModel.speculative_draft); False: one
+    token per pass.
     timestamps=True fills `hyp.timestamp` with "word" and "segment" lists.
     batch_size: encoder rows per batch. Audio longer than 40 s is cut into 30-40 s chunks with
     1 s overlap, decoded together and merged (enable_chunking=False decodes it whole); past an
@@ -70,7 +74,7 @@ def transcribe(
     options = resolve_options(
         model, items, batch_size=batch_size, timestamps=timestamps, beam_size=beam_size,
         length_penalty=length_penalty, max_generation_delta=max_generation_delta, return_nbest=return_nbest,
-        enable_chunking=enable_chunking, chunk_merge=chunk_merge, progress=progress,
+        speculative=speculative, enable_chunking=enable_chunking, chunk_merge=chunk_merge, progress=progress,
         slots=dict(source_lang=source_lang, target_lang=target_lang, pnc=pnc, **slots))
     items = [probe_item(prepare_item(model, item, options)) for item in items]
     results = Results(items, on_result)

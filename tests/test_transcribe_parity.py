@@ -111,6 +111,13 @@ def test_every_recorded_run_end_to_end(name, run, monkeypatch):
         check_chunking_as_nemo(run["captured"], seen)
 
 
+@pytest.mark.parametrize("name,run", [p for p in all_runs() if p.values[1]["decoding"]["strategy"] == "greedy_batch"])
+def test_greedy_runs_with_speculative_decoding(name, run, monkeypatch):
+    """The same runs with an int8 draft proposing tokens (used on its own only for large decoders)."""
+    monkeypatch.setattr(CanaryModel, "DRAFT_MIN_BYTES", 0)
+    test_every_recorded_run_end_to_end(name, run, monkeypatch)
+
+
 # -- on the way: where NeMo chunks (canary-1b-v2 style), the chunks, batches and merges are NeMo's
 
 

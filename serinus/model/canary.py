@@ -196,6 +196,28 @@ class CanaryModel(nn.Module):
             ctc_log_probs = torch.log_softmax(self.ctc_head(hidden).float(), dim=-1)
         return log_probs, ctc_log_probs, lengths
 
+    DRAFT_MIN_BYTES = 32 << 20  # speculative decoding pays where a decoder step streams this much weight
+
+    def speculative_draft(self) -> nn.Module | None:
+        """The int8 draft that speeds up greedy decoding (serinus.decoding.speculative_greedy_decode),
+        made on first use and kept; None where it does not pay or cannot be made: off the CPU (where
+        a step is not bound by reading the weights), for a model not in float32, for one loaded to be
+        trained (its weights change), or for a decoder small enough to sit in the CPU's caches."""
+        from serinus.allocator import returning_freed_memory
+        from serinus.precision import PackedLinear, int8_draft
+
+        decoder = self.decoder
+        weights = [m for m in decoder.modules() if isinstance(m, (nn.Linear, PackedLinear))]
+        step_bytes = sum(m.in_features * m.out_features * 4 for m in weights) + decoder.token_embedding.weight.nbytes
+        usable = (self.device.type == "cpu" and decoder.token_embedding.weight.dtype == torch.float32
+                  and bool(weights) and all(isinstance(m, PackedLinear) for m in weights) and step_bytes >= self.DRAFT_MIN_BYTES)
+        if not usable:
+            return None
+        if self.__dict__.get("_draft") is None:  # kept outside _modules: not among the model's weights
+            with returning_freed_memory():  # its dense copies, one layer at a time, are not kept for reuse
+                self.__dict__["_draft"] = int8_draft(decoder)
+        return self.__dict__["_draft"]
+
     # -- loading and saving -------------------------------------------------------------------
 
     @classmethod

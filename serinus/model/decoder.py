@@ -127,6 +127,10 @@ class KVCache:
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
 
+    def truncate(self, length: int) -> None:
+        """Forget every position from `length` on (a rejected speculative draft)."""
+        self.length = min(self.length, length)
+
     def select(self, index: Tensor) -> None:
         """Keep rows `index` (in that order): only the filled positions are copied."""
         if self.k is None:
@@ -240,18 +244,20 @@ class TransformerDecoder(nn.Module):
         capacity = min(capacity or self.cfg.max_sequence_length, self.cfg.max_sequence_length)
         return [KVCache(capacity) for _ in self.blocks]
 
-    def step(self, tokens: Tensor, start: int, cross_kv, cross_mask: Tensor, caches: list[KVCache]) -> Tensor:
+    def step(self, tokens: Tensor, start: int, cross_kv, cross_mask: Tensor, caches: list[KVCache],
+             every_position: bool = False) -> Tensor:
         """Incremental pass over new tokens [B, l] at positions start..start+l-1, using and
-        extending `caches` (`new_caches()`). Returns log-probs of the last position [B, V]."""
+        extending `caches` (`new_caches()`, holding positions 0..start-1). Returns log-probs of the
+        last position [B, V], or of every new position [B, l, V] with `every_position`."""
         length = tokens.shape[1]
         self_mask = None
-        if length > 1:  # the prompt: causal within itself (the cache is empty then)
-            causal = torch.ones(length, length, dtype=torch.bool, device=tokens.device).tril()[None, None]
-            self_mask = additive_mask(causal, cross_mask.dtype)
+        if length > 1:  # several new tokens (a prompt, a speculative draft): each sees the cache and its left
+            causal = torch.ones(length, start + length, dtype=torch.bool, device=tokens.device).tril(start)
+            self_mask = additive_mask(causal[None, None], cross_mask.dtype)
         x = self.embed(tokens, start)
         for block, kv, cache in zip(self.blocks, cross_kv, caches):
             x = block(x, self_mask, kv, cross_mask, cache)
-        return F.log_softmax(self.logits(x[:, -1]).float(), dim=-1)
+        return F.log_softmax(self.logits(x if every_position else x[:, -1]).float(), dim=-1)
 
 
 def additive_mask(allowed: Tensor, dtype: torch.dtype) -> Tensor:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from serinus.audio import collate_audio
-from serinus.decoding import DecodingConfig, beam_search, greedy_decode, max_new_tokens
+from serinus.decoding import DecodingConfig, beam_search, greedy_decode, max_new_tokens, speculative_greedy_decode
 from serinus.joint_decoding import joint_beam_search
 from serinus.pipeline.plan import Piece, Row
 from serinus.timestamps import Timestamps, frame_token_timestamps
@@ -113,7 +113,13 @@ def run_decoder(model, rows: list[Row], decoding: DecodingConfig,
             continue
         index = torch.tensor(group, device=states.device)
         prompts = torch.tensor([rows[i].prompt for i in group], device=states.device)
-        if decoding.beam_size == 1:
+        draft = model.speculative_draft() if decoding.beam_size == 1 and decoding.speculative else None
+        if draft is not None:
+            outputs = speculative_greedy_decode(model.decoder, draft, states[index], mask[index], prompts, limits,
+                                                tok.eos_id, tok.vocab_size)
+            for i, ids in zip(group, outputs):
+                out[i] = Transcript("", _strip_pad(ids, tok.pad_id))
+        elif decoding.beam_size == 1:
             outputs = greedy_decode(model.decoder, states[index], mask[index], prompts, limits, tok.eos_id,
                                     tok.vocab_size)
             for i, ids in zip(group, outputs):

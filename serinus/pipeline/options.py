@@ -81,7 +81,7 @@ def truthy(value) -> bool:
 
 def resolve_options(model, items: list[Item], *, batch_size: int, timestamps: bool | None, beam_size: int | None,
                     length_penalty: float | None, max_generation_delta: int | None, return_nbest: bool,
-                    enable_chunking: bool, chunk_merge: str, progress: bool, slots: dict) -> Options:
+                    speculative: bool, enable_chunking: bool, chunk_merge: str, progress: bool, slots: dict) -> Options:
     """The call's options, checked and resolved: decoding from the checkpoint's config and the
     arguments, the timestamp mode, the slot values for every item, the chunk merge."""
     if batch_size < 1:
@@ -98,6 +98,7 @@ def resolve_options(model, items: list[Item], *, batch_size: int, timestamps: bo
     if max_generation_delta is not None:
         decoding.max_generation_delta = int(max_generation_delta)
     decoding.return_nbest = return_nbest
+    decoding.speculative = decoding.speculative and speculative
 
     given = {k: v for k, v in slots.items() if v is not None}
     fmt = get_format(model.cfg.prompt_format)

@@ -1,0 +1,106 @@
+"""Speculative greedy decoding: an int8 draft proposes, the model checks several tokens in one pass.
+Whatever the draft proposes, the result must be plain greedy decoding's."""
+
+import pytest
+import torch
+
+from conftest import AUDIO, FIXTURES
+from serinus.audio import collate_audio, load_audio
+from serinus.decoding import greedy_decode, speculative_greedy_decode
+from serinus.model.canary import CanaryModel
+from serinus.model.decoder import TransformerDecoder
+from serinus.precision import Int8Linear, int8_draft
+from serinus.prompt import encode_prompt
+from serinus.transcribe import transcribe
+
+
+@pytest.fixture(scope="module")
+def model():
+    return CanaryModel.from_pretrained(FIXTURES / "tiny_canary2.nemo")
+
+
+@pytest.fixture(scope="module")
+def encoded(model):
+    clips = [load_audio(AUDIO / name) for name in ("en_01.wav", "en_02.wav", "de_01.wav")]
+    audio, lengths = collate_audio(clips, model.device)
+    with torch.inference_mode():
+        states, mask, _ = model.encode(audio, lengths)
+    prompt = encode_prompt(model.tokenizer, model.cfg.prompt_format,
+                           {"source_lang": "en", "target_lang": "en", "pnc": "yes"})
+    return states, mask, torch.tensor([prompt] * len(clips))
+
+
+def other_draft(model) -> torch.nn.Module:
+    """A draft that mostly disagrees: the int8 copy of a decoder with other random weights."""
+    torch.manual_seed(1)
+    return int8_draft(TransformerDecoder(model.decoder.cfg).eval())
+
+
+@pytest.mark.parametrize("which", ["int8 copy", "unrelated"])
+@pytest.mark.parametrize("draft_len", [1, 3, 8])
+def test_same_tokens_as_greedy_whatever_the_draft(model, encoded, which, draft_len):
+    states, mask, prompts = encoded
+    draft = int8_draft(model.decoder) if which == "int8 copy" else other_draft(model)
+    eos, vocab = model.tokenizer.eos_id, model.tokenizer.vocab_size
+    for limits in ([40, 40, 40], [0, 5, 40], [1, 2, 3], [0, 0, 0], [200, 7, 200]):
+        want = greedy_decode(model.decoder, states, mask, prompts, limits, eos, vocab)
+        got = speculative_greedy_decode(model.decoder, draft, states, mask, prompts, limits, eos, vocab,
+                                        draft_len=draft_len)
+        assert got == want, (limits, draft_len)
+        # rows alone: the same as in the batch
+        for i in range(3):
+            alone = speculative_greedy_decode(model.decoder, draft, states[i : i + 1], mask[i : i + 1],
+                                              prompts[i : i + 1], limits[i : i + 1], eos, vocab, draft_len=draft_len)
+            assert alone[0] == got[i] or limits[i] == 0
+
+
+def test_every_token_is_checked_even_past_eos(model, encoded):
+    """A draft that proposes EOS at once never ends a row early: rows end at the model's own EOS."""
+    states, mask, prompts = encoded
+    eos, vocab = model.tokenizer.eos_id, model.tokenizer.vocab_size
+    draft = int8_draft(model.decoder)
+    draft.head_bias = torch.nn.Parameter(torch.full_like(model.decoder.head_bias, -1e4))
+    draft.quantized_head = Int8Linear(model.decoder.token_embedding.weight, draft.head_bias.detach().index_fill(0, torch.tensor([eos]), 1e4))
+    want = greedy_decode(model.decoder, states, mask, prompts, [60] * 3, eos, vocab)
+    assert speculative_greedy_decode(model.decoder, draft, states, mask, prompts, [60] * 3, eos, vocab) == want
+    assert all(len(w) > 0 for w in want)
+
+
+def test_draft_is_int8_and_shares_the_rest(model):
+    draft = int8_draft(model.decoder)
+    assert not [n for n, p in list(draft.named_parameters()) + list(draft.named_buffers()) if p.is_meta]
+    assert draft.token_embedding is model.decoder.token_embedding
+    assert draft.blocks[0].mlp_norm is model.decoder.blocks[0].mlp_norm
+    layers = [m for m in draft.modules() if isinstance(m, Int8Linear)]
+    # per block: q/k/v stacked, self out, cross query and out, two FFN layers; and the head
+    assert len(layers) == 6 * len(draft.blocks) + 1
+    assert not any(isinstance(m, torch.nn.Linear) for m in draft.modules())
+    assert "_draft" not in dict(model.named_modules()) and not any("draft" in k for k in model.state_dict())
+
+
+def test_when_the_draft_is_used(model, monkeypatch):
+    assert model.speculative_draft() is None  # a tiny decoder sits in the CPU's caches: no gain
+    monkeypatch.setattr(CanaryModel, "DRAFT_MIN_BYTES", 0)
+    assert model.speculative_draft() is model.speculative_draft() is not None  # made once
+    int8 = CanaryModel.from_pretrained(FIXTURES / "tiny_canary2.nemo", dtype="int8")
+    trainable = CanaryModel.from_pretrained(FIXTURES / "tiny_canary2.nemo", for_training=True)
+    assert int8.speculative_draft() is None and trainable.speculative_draft() is None
+
+
+def test_transcribe_uses_it_and_gives_the_same_result(model, monkeypatch):
+    files = [str(AUDIO / n) for n in ("en_01.wav", "en_02.wav", "es_01.wav")]
+    kwargs = dict(batch_size=3, beam_size=1, source_lang="en", target_lang="en")
+    plain = transcribe(model, files, **kwargs)
+    monkeypatch.setattr(CanaryModel, "DRAFT_MIN_BYTES", 0)
+    calls = []
+    real = speculative_greedy_decode
+
+    def counting(*args, **kw):
+        calls.append(1)
+        return real(*args, **kw)
+
+    monkeypatch.setattr("serinus.pipeline.decode.speculative_greedy_decode", counting)
+    fast = transcribe(model, files, **kwargs)
+    assert calls and [h.y_sequence for h in fast] == [h.y_sequence for h in plain]
+    off = transcribe(model, files, speculative=False, **kwargs)
+    assert len(calls) == 1 and [h.y_sequence for h in off] == [h.y_sequence for h in plain]
