@@ -104,6 +104,8 @@ def build_transcribe_parser() -> argparse.ArgumentParser:
     g.add_argument("--beam-size", type=int, help="1 = greedy (default: the checkpoint's decoding config)")
     g.add_argument("--batch-size", type=int, default=4, help="encoder rows per batch (default: %(default)s)")
     g.add_argument("--no-chunking", action="store_true", help="decode long audio whole instead of in 30-40 s chunks")
+    g.add_argument("--no-speculative", action="store_true",
+                   help="greedy float32 on a CPU: one token per decoder pass, without the int8 draft (same tokens)")
     g.add_argument("--chunk-merge", choices=CHUNK_MERGES, default="auto",
                    help="how chunks are joined: nemo = NeMo's LCS merge exactly, overlap = Serinus' merge that keeps "
                         "every word once, auto = nemo for canary-1b-v2 style checkpoints, else overlap")
@@ -194,7 +196,8 @@ def transcribe_main(argv: list[str] | None = None) -> int:
     try:
         transcribe(model, todo, batch_size=args.batch_size, source_lang=args.source_lang,
                    target_lang=args.target_lang, pnc=args.pnc, timestamps=timestamps, beam_size=args.beam_size,
-                   enable_chunking=not args.no_chunking, chunk_merge=args.chunk_merge, progress=not args.quiet,
+                   speculative=not args.no_speculative, enable_chunking=not args.no_chunking,
+                   chunk_merge=args.chunk_merge, progress=not args.quiet,
                    on_result=on_result, **slots)
     except TranscribeError as e:
         print(f"serinus transcribe: error: {e}", file=sys.stderr)

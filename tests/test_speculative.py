@@ -104,3 +104,19 @@ def test_transcribe_uses_it_and_gives_the_same_result(model, monkeypatch):
     assert calls and [h.y_sequence for h in fast] == [h.y_sequence for h in plain]
     off = transcribe(model, files, speculative=False, **kwargs)
     assert len(calls) == 1 and [h.y_sequence for h in off] == [h.y_sequence for h in plain]
+
+
+def test_cli_no_speculative(capsys, monkeypatch):
+    from serinus import cli
+
+    monkeypatch.setattr(CanaryModel, "DRAFT_MIN_BYTES", 0)
+    calls = []
+    real = speculative_greedy_decode
+    monkeypatch.setattr("serinus.pipeline.decode.speculative_greedy_decode",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    args = [str(AUDIO / "en_01.wav"), "--model", str(FIXTURES / "tiny_canary2.nemo"), "--beam-size", "1", "--quiet"]
+    assert cli.transcribe_main(args) == 0
+    with_draft = capsys.readouterr().out
+    assert calls
+    assert cli.transcribe_main(args + ["--no-speculative"]) == 0
+    assert capsys.readouterr().out == with_draft and len(calls) == 1

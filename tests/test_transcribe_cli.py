@@ -210,7 +210,7 @@ def test_help_lists_every_option(capsys):
     assert e.value.code == 0
     text = capsys.readouterr().out
     for option in ["--model", "--source-lang", "--target-lang", "--pnc", "--timestamps", "--slot", "--beam-size",
-                   "--batch-size", "--no-chunking", "--chunk-merge", "--device", "--dtype", "--output", "--format",
+                   "--batch-size", "--no-chunking", "--no-speculative", "--chunk-merge", "--device", "--dtype", "--output", "--format",
                    "--resume", "--quiet", "nvidia/canary-1b-v2", "txt", "jsonl", "srt", "vtt", "exit status"]:
         assert option in text, option
 
