@@ -199,10 +199,12 @@ def test_validate_audio():
 
 def test_features_in_pieces_are_the_features_of_the_whole(ref):
     # the STFT runs over pieces of frames (a long clip's spectrum is never held whole): the frames
-    # at and across every piece boundary are those of one pass, exactly, clean and NeMo-exact alike
+    # at and across every piece boundary are those of one pass. Equal to float32 rounding, not bit
+    # for bit: on some CPUs (seen on AMD EPYC) the BLAS picks another kernel for a narrower matmul
     audio, lens = torch.from_numpy(ref["batch3_audio"]), torch.from_numpy(ref["batch3_audio_lens"])
     whole, pieces = LogMel().eval(), LogMel().eval()
     whole.FRAMES_PER_PIECE, pieces.FRAMES_PER_PIECE = 10**9, 7
     a, a_len = whole(audio, lens)
     b, b_len = pieces(audio, lens)
-    assert a.shape[-1] > 5 * 7 and torch.equal(a_len, b_len) and torch.equal(a, b)
+    assert a.shape[-1] > 5 * 7 and torch.equal(a_len, b_len)
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
