@@ -187,3 +187,22 @@ def test_tokenizer_is_built_into_the_run_folder_by_default(tmp_path):
     T.build_tokenizer(cfg)
     assert cfg["tokenizer"]["dir"] == str(tmp_path / "tokenizer")
     assert (tmp_path / "tokenizer" / "spl_tokens").is_dir() and (tmp_path / "tokenizer" / "en").is_dir()
+
+
+def test_translation_rows_spell_nothing_where_the_tokenizer_lacks_the_source_language(tmp_path):
+    # an en -> de model may have a German vocabulary only: its translation rows carry no CTC target
+    # (and no error), whatever their `source_text`
+    from serinus.data.dataset import PromptedDataset
+    from serinus.data.tokenizers import build_special_tokenizer, train_bpe_tokenizer
+
+    ast = DATA / "synth-v1" / "ast_train.jsonl"
+    lines = [json.loads(line) for line in ast.read_text().splitlines()]
+    build_special_tokenizer(tmp_path / "agg" / "spl_tokens")
+    train_bpe_tokenizer([x["text"] for x in lines if x["target_lang"] == "de"], tmp_path / "agg" / "de", 128)
+    cfg = small(tmp_path, f"tokenizer.dir={tmp_path / 'agg'}", "train_ds.source_langs=null",
+                "train_ds.target_langs=[de]", f"train_ds.manifest_filepath={ast}")
+    tok = T.build_tokenizer(cfg)
+    cuts = list(T.load_cuts(cfg["train_ds"]))[:2]
+    assert all((c.supervisions[0].custom or {}).get("source_text") for c in cuts)
+    batch = PromptedDataset(tok, "canary2")[cuts]
+    assert batch.spoken_lens.tolist() == [0, 0] and batch.transcript_lens.min() > 0

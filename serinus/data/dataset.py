@@ -229,9 +229,17 @@ class PromptedDataset(torch.utils.data.Dataset):
         if (slots.get("target_lang") or source) == source:
             return example.answer_ids
         text = slots.get("source_text")
-        if not isinstance(text, str) or not text.strip():
-            return []
+        if not isinstance(text, str) or not text.strip() or not _knows_lang(self.tokenizer, source):
+            return []  # nothing to spell (a model that only writes the target languages may lack the source's)
         return self.tokenizer.text_to_ids(text, source)
+
+
+def _knows_lang(tokenizer, lang: str) -> bool:
+    try:
+        tokenizer.resolve_lang(lang)
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass
