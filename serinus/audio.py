@@ -371,7 +371,8 @@ class LogMel(nn.Module):
 
         # The centred STFT as NeMo computes it, in pieces of frames: a long input's spectrum is never
         # held whole (a 77 s clip's complex spectrum and its magnitudes are ~50 MB at once otherwise).
-        # Each frame's FFT sees only its own samples, so the pieces are the frames of the whole.
+        # Each frame's FFT sees only its own samples, so the pieces are the frames of the whole (the
+        # filterbank product may round differently per piece width: some BLAS pick kernels by shape).
         pad = cfg.n_fft // 2
         x = nn.functional.pad(x, (pad, pad))
         n_frames = (x.shape[1] - cfg.n_fft) // cfg.hop_length + 1
