@@ -78,12 +78,18 @@ def joint_beam_search(decoder: TransformerDecoder, states: Tensor, mask: Tensor,
     Returns the finished hypotheses (ids without EOS, joint score), best first.
 
     Each step proposes, per hypothesis, the decoder's best max(4, 1.5 * beam) tokens (EOS among them
-    if likely) and keeps the beam best by joint score. Both scores only fall as a prefix grows, so
-    the search stops once a finished hypothesis beats every running one."""
+    if likely) and every token the CTC head's best path holds, and EOS (the tokens it hears in this
+    utterance: a decoder that has learnt a language model better than the audio may rank the right
+    one far down), and keeps the beam best by joint score. Both scores only fall as a prefix grows, so the
+    search stops once a finished hypothesis beats every running one."""
     device = states.device
     scorer = CTCPrefixScorer(ctc_log_probs.cpu(), blank)
     w = ctc_weight
     proposals = max(4, int(1.5 * beam_size))
+    heard = torch.unique(ctc_log_probs.argmax(-1)).cpu() if w > 0 else torch.zeros(0, dtype=torch.long)
+    heard = heard[(heard != blank) & (heard < (vocab_size or blank))]
+    if w > 0:  # and the end: the CTC head knows when everything it heard has been written
+        heard = torch.unique(torch.cat([heard, torch.tensor([eos_id])]))
     cross_kv1 = decoder.cross_kv(states)
     cross_mask1 = additive_mask(mask[:, None, None, :], states.dtype)
     caches = decoder.new_caches(len(prompt) + limit + 1)
@@ -96,11 +102,11 @@ def joint_beam_search(decoder: TransformerDecoder, states: Tensor, mask: Tensor,
     last = torch.tensor([-1])
     ended: list[tuple[list[int], float]] = []
     for step in range(limit):
-        cand_lp, cand = att_lp.topk(min(proposals, att_lp.shape[1]), dim=-1)  # [n, m]
+        cand_lp, cand, valid = _candidates(att_lp, proposals, heard)  # [n, m]
         empty = torch.tensor([not s for s in seqs])
         psi, r_new = scorer.extend(r, last, cand, empty)
         psi = torch.where(cand == eos_id, scorer.full_score(r)[:, None], psi)
-        total = (1 - w) * (att_sum[:, None] + cand_lp) + w * psi  # [n, m]
+        total = ((1 - w) * (att_sum[:, None] + cand_lp) + w * psi).masked_fill(~valid, float("-inf"))  # [n, m]
         best, flat = total.flatten().topk(min(beam_size, total.numel()))
         keep = []
         for score, f in zip(best.tolist(), flat.tolist()):
@@ -126,3 +132,17 @@ def joint_beam_search(decoder: TransformerDecoder, states: Tensor, mask: Tensor,
                                             _select(cross_kv1, rows), _select(cross_mask1, rows), caches),
                                vocab_size).double().cpu()
     return sorted(ended, key=lambda e: -e[1])
+
+
+def _candidates(att_lp: Tensor, proposals: int, heard: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per hypothesis (att_lp [n, V]): the decoder's best `proposals` tokens and the `heard` tokens it
+    did not already propose -> (log-probs, ids, valid) [n, m]; a row with fewer than m candidates is
+    padded with repeats of its best token, marked not valid."""
+    top_lp, top = att_lp.topk(min(proposals, att_lp.shape[1]), dim=-1)
+    valid = torch.ones_like(top, dtype=torch.bool)
+    if heard.numel() == 0:
+        return top_lp, top, valid
+    extra = heard[None, :].expand(top.shape[0], -1)
+    new = (extra[:, :, None] != top[:, None, :]).all(-1)  # [n, h]: not already proposed
+    ids = torch.cat([top, torch.where(new, extra, top[:, :1])], 1)
+    return torch.cat([top_lp, att_lp.gather(1, extra)], 1), ids, torch.cat([valid, new], 1)

@@ -95,3 +95,40 @@ def test_joint_beam_search_weights_and_limit():
         ctc = -F.ctc_loss(lp[:, None].float(), torch.tensor([ids]), torch.tensor([len(lp)]), torch.tensor([len(ids)]),
                           blank=model.ctc_blank_id, reduction="sum")
         torch.testing.assert_close(score, float((0.5 * att + 0.5 * ctc).detach()), rtol=1e-4, atol=1e-3)
+
+
+def test_translation_rows_are_decoded_without_the_ctc_head():
+    """The CTC head spells what is said, so only transcription rows (source = target) use it; a
+    translation in the same call is the decoder's own beam search, whatever the CTC weight."""
+    model = _model_with_ctc_head()
+    files = [str(AUDIO / "en_01.wav"), str(AUDIO / "en_02.wav")]
+    model.cfg.decoding = dataclasses.replace(model.cfg.decoding, beam_size=2, ctc_weight=0.0)
+    alone = [h.y_sequence for h in model.transcribe(files, source_lang="en", target_lang="de")]
+    model.cfg.decoding = dataclasses.replace(model.cfg.decoding, ctc_weight=0.9)
+    with_weight = [h.y_sequence for h in model.transcribe(files, source_lang="en", target_lang="de")]
+    assert with_weight == alone
+    # a transcription is scored by the CTC head: with a random head and weight 0.9 its answer changes
+    asr_alone = [h.y_sequence for h in model.transcribe(files, source_lang="en", target_lang="en")]
+    model.cfg.decoding = dataclasses.replace(model.cfg.decoding, ctc_weight=0.0)
+    assert asr_alone != [h.y_sequence for h in model.transcribe(files, source_lang="en", target_lang="en")]
+
+
+def test_tokens_the_ctc_head_hears_are_proposed_even_when_the_decoder_ranks_them_low():
+    """With the CTC weight at 1 and a CTC output that spells three tokens plainly, the search finds
+    them, though the decoder (here: on random audio) would never propose them itself."""
+    model = _model_with_ctc_head()
+    audio = np.random.default_rng(0).standard_normal(16000 * 2).astype(np.float32) * 0.1
+    states, mask, lens, _ = model.encode_with_ctc(torch.from_numpy(audio)[None], torch.tensor([len(audio)]))
+    tok = model.tokenizer
+    p = encode_prompt(tok, model.cfg.prompt_format, {"source_lang": "en", "target_lang": "en", "pnc": "yes"})
+    blank = model.ctc_blank_id
+    first = model.decoder.step(torch.tensor([p]), 0, model.decoder.cross_kv(states),
+                               torch.zeros(1, 1, 1, states.shape[1]), model.decoder.new_caches(len(p) + 2))
+    said = first[0, : tok.vocab_size].argsort()[:3].tolist()  # the decoder's three least likely tokens
+    frames = [blank, said[0], said[0], blank, said[1], blank, said[2], blank]
+    lp = torch.full((len(frames), blank + 1), -20.0)
+    lp[torch.arange(len(frames)), frames] = 0.0
+    lp = lp.log_softmax(-1)
+    hyps = joint_beam_search(model.decoder, states, mask, p, lp, limit=10, beam_size=2, ctc_weight=1.0,
+                             blank=blank, eos_id=tok.eos_id, vocab_size=tok.vocab_size)
+    assert hyps[0][0] == said

@@ -206,3 +206,25 @@ def test_translation_rows_spell_nothing_where_the_tokenizer_lacks_the_source_lan
     assert all((c.supervisions[0].custom or {}).get("source_text") for c in cuts)
     batch = PromptedDataset(tok, "canary2")[cuts]
     assert batch.spoken_lens.tolist() == [0, 0] and batch.transcript_lens.min() > 0
+
+
+def test_a_character_ctc_encoder_starts_an_aed_with_its_own_tokenizer(tmp_path):
+    """The multilingual recipe's two stages: a character CTC model, then an AED whose encoder comes
+    from it (init_from.include=[encoder.]) and whose tokenizer the run builds itself
+    (tokenizer.vocab_size), not the CTC model's characters."""
+    from serinus.checkpoint import load_ctc_model
+    from serinus.tokenizer import CanaryTokenizer
+    from serinus.train.loop import build_model as build_run_model, setup_runtime
+
+    T.train(small(tmp_path / "ctc", "trainer.max_steps=2", "train_ds.limit=4", "tokenizer.type=char",
+                  "tokenizer.vocab_size=100", "trainer.val_check_interval=0", "trainer.final_validation=false",
+                  model_type="ctc"))
+    ctc = load_ctc_model(tmp_path / "ctc" / "model")
+    cfg = small(tmp_path / "aed", f"init_from.path={tmp_path / 'ctc' / 'model'}", "init_from.include=[encoder.]",
+                "tokenizer.dir=null")
+    tok = T.build_tokenizer(cfg)
+    assert isinstance(tok, CanaryTokenizer) and (tmp_path / "aed" / "tokenizer" / "spl_tokens").is_dir()
+    model, report = build_run_model(cfg, T.make_task(cfg), tok, setup_runtime(cfg["trainer"]))
+    for name, value in ctc.encoder.state_dict().items():
+        assert torch.equal(model.encoder.state_dict()[name], value), name
+    assert model.cfg.decoder.vocab_size >= tok.vocab_size

@@ -82,7 +82,10 @@ def run_decoder(model, rows: list[Row], decoding: DecodingConfig,
     features in memory at once; the decoder then sees all rows as one batch."""
     n_rows = encode_rows or len(rows)
     longest = max(len(r.samples) for r in rows)
-    joint = decoding.ctc_weight > 0 and getattr(model, "ctc_head", None) is not None
+    # joint CTC/attention search for transcription rows; the CTC head spells the audio, so a translation
+    # row is decoded by the decoder alone
+    joint = (decoding.ctc_weight > 0 and getattr(model, "ctc_head", None) is not None
+             and any(r.transcribes for r in rows))
     parts = []
     for start in range(0, len(rows), n_rows):
         audio, lengths = collate_audio([r.samples for r in rows[start : start + n_rows]], model.device, longest)
@@ -97,12 +100,12 @@ def run_decoder(model, rows: list[Row], decoding: DecodingConfig,
     out: list[Transcript | None] = [None] * len(rows)
     groups: dict[int, list[int]] = {}
     for i, row in enumerate(rows):
-        groups.setdefault(len(row.prompt), []).append(i)
-    for prompt_len, group in groups.items():
+        groups.setdefault((len(row.prompt), joint and row.transcribes), []).append(i)
+    for (prompt_len, joint_rows), group in groups.items():
         # NeMo's limit counts the encoder's output frames of each row's own (unpadded) audio
         limit_lengths = model.limit_lengths(torch.tensor([len(rows[i].samples) for i in group]))
         limits = max_new_tokens(limit_lengths, prompt_len, decoding, model.cfg.decoder.max_sequence_length)
-        if joint:  # the CTC head scores every step of the search, one row at a time
+        if joint_rows:  # the CTC head scores every step of the search, one row at a time
             for k, i in enumerate(group):
                 beams = joint_beam_search(model.decoder, states[i : i + 1], mask[i : i + 1], rows[i].prompt,
                                           ctc_log_probs[i, : int(enc_lengths[i])], limits[k], decoding.beam_size,

@@ -50,6 +50,13 @@ class Item:
         return (self.num_samples or 0) / SAMPLE_RATE
 
     @property
+    def transcribes(self) -> bool:
+        """Whether its output is what is said (source language = target language), not a translation:
+        only then may a CTC head, which spells the audio, score the decoder's hypotheses."""
+        source, target = self.slots.get("source_lang"), self.slots.get("target_lang")
+        return source is None or target is None or source == target
+
+    @property
     def frame_tokens(self) -> bool:
         """Whether its prompt asks a flash-style decoder for frame tokens (`timestamp=yes`)."""
         return self.slots.get("timestamp") == "yes"

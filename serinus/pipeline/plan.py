@@ -146,6 +146,7 @@ class Row:
     prompt: list[int]
     segment: int = 0  # hour segment of the item
     start: int = 0  # first sample of the chunk in its (padded) segment
+    transcribes: bool = True  # a transcription, not a translation: a CTC head may score it (joint decoding)
 
 
 def plan_pieces(items: list[Item], enable_chunking: bool) -> list[Piece]:
@@ -184,7 +185,8 @@ def load_piece(piece: Piece) -> list[Row]:
     item = piece.item
     samples = pad_min_duration(inputs.read_span(item, piece.start, piece.end), int(MIN_SECONDS * SAMPLE_RATE))
     spans = chunk_spans(len(samples), overlap=OVERLAP_SAMPLES) if piece.chunked else [(0, len(samples))]
-    return [Row(item.index, k, samples[s : s + n], item.prompt, piece.segment, s) for k, (s, n) in enumerate(spans)]
+    return [Row(item.index, k, samples[s : s + n], item.prompt, piece.segment, s, item.transcribes)
+            for k, (s, n) in enumerate(spans)]
 
 
 def prefetch(batches: list[list[Piece]]) -> Iterator[list[tuple[Piece, list[Row] | None, str | None]]]:

@@ -91,8 +91,9 @@ def build_tokenizer(cfg: dict, rt: Runtime | None = None):
         from serinus.train.nemo_config import langs_tokenizer
 
         return langs_tokenizer(tok["langs"])
-    if not tok["dir"] and tok.get("vocab_size") and not tok["from_checkpoint"] and not cfg["init_from"]["path"]:
-        tok["dir"] = str(Path(cfg["trainer"]["out_dir"]) / "tokenizer")  # built into the run folder
+    if not tok["dir"] and tok.get("vocab_size") and not tok["from_checkpoint"]:
+        # built into the run folder, also when init_from only gives weights (e.g. a CTC model's encoder)
+        tok["dir"] = str(Path(cfg["trainer"]["out_dir"]) / "tokenizer")
     if tok["dir"] and tok.get("vocab_size") and not Path(tok["dir"]).exists():
         if rt is not None and rt.distributed:
             raise ConfigError("tokenizer.vocab_size: build the tokenizer before a torchrun job (run once without it)")
@@ -141,7 +142,14 @@ def build_model(cfg: dict, task, tokenizer, rt: Runtime):
     """The model a config describes, initialised from init_from.path when set; returns (model, InitReport | None)."""
     from serinus.train.init import init_from_model, load_init_model
 
-    init = load_init_model(cfg["init_from"]["path"]) if cfg["init_from"]["path"] else None
+    init = None
+    if cfg["init_from"]["path"]:
+        from serinus.checkpoint import CheckpointError
+
+        try:
+            init = load_init_model(cfg["init_from"]["path"])
+        except CheckpointError as e:  # e.g. a recipe's second stage run before its first
+            raise ConfigError(f"init_from.path: {e}") from None
     init_cfg = getattr(init, "cfg", None)
     model = task.build_model(tokenizer, init_cfg if isinstance(init_cfg, CanaryConfig) or task.name == "ctc"
                              else None)
