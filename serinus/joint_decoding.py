@@ -77,19 +77,17 @@ def joint_beam_search(decoder: TransformerDecoder, states: Tensor, mask: Tensor,
     [T, C] cut to its length), every step scored by the decoder and the CTC head together.
     Returns the finished hypotheses (ids without EOS, joint score), best first.
 
-    Each step proposes, per hypothesis, the decoder's best max(4, 1.5 * beam) tokens (EOS among them
-    if likely) and every token the CTC head's best path holds, and EOS (the tokens it hears in this
-    utterance: a decoder that has learnt a language model better than the audio may rank the right
-    one far down), and keeps the beam best by joint score. Both scores only fall as a prefix grows, so the
-    search stops once a finished hypothesis beats every running one."""
+    Each step proposes, per hypothesis, the decoder's best max(4, 1.5 * beam) tokens, every token on
+    the CTC head's best path (what it hears in this utterance: a decoder that has learnt a language
+    model better than the audio may rank the right token far down) and EOS, and keeps the beam best
+    by joint score. Both scores only fall as a prefix grows, so the search stops once a finished
+    hypothesis beats every running one."""
     device = states.device
-    scorer = CTCPrefixScorer(ctc_log_probs.cpu(), blank)
+    ctc_log_probs = ctc_log_probs.cpu()
+    scorer = CTCPrefixScorer(ctc_log_probs, blank)
     w = ctc_weight
     proposals = max(4, int(1.5 * beam_size))
-    heard = torch.unique(ctc_log_probs.argmax(-1)).cpu() if w > 0 else torch.zeros(0, dtype=torch.long)
-    heard = heard[(heard != blank) & (heard < (vocab_size or blank))]
-    if w > 0:  # and the end: the CTC head knows when everything it heard has been written
-        heard = torch.unique(torch.cat([heard, torch.tensor([eos_id])]))
+    heard = _heard_tokens(ctc_log_probs, blank, eos_id, vocab_size) if w > 0 else torch.zeros(0, dtype=torch.long)
     cross_kv1 = decoder.cross_kv(states)
     cross_mask1 = additive_mask(mask[:, None, None, :], states.dtype)
     caches = decoder.new_caches(len(prompt) + limit + 1)
@@ -132,6 +130,14 @@ def joint_beam_search(decoder: TransformerDecoder, states: Tensor, mask: Tensor,
                                             _select(cross_kv1, rows), _select(cross_mask1, rows), caches),
                                vocab_size).double().cpu()
     return sorted(ended, key=lambda e: -e[1])
+
+
+def _heard_tokens(ctc_log_probs: Tensor, blank: int, eos_id: int, vocab_size: int | None) -> Tensor:
+    """The distinct tokens on the CTC head's best path (blank and output-layer padding dropped), and
+    EOS: the head also knows when everything it heard has been written."""
+    path = ctc_log_probs.argmax(-1)
+    path = path[(path != blank) & (path < (vocab_size or blank))]
+    return torch.unique(torch.cat([path, torch.tensor([eos_id])]))
 
 
 def _candidates(att_lp: Tensor, proposals: int, heard: Tensor) -> tuple[Tensor, Tensor, Tensor]:
