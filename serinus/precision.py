@@ -195,7 +195,8 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # reduce_range: activations use 7 bits, as torch.ao's module does (no overflow in VPMADDUBSW)
-        return torch.ops.quantized.linear_dynamic(x, self._packed, reduce_range=True).to(x.dtype)
+        out = torch.ops.quantized.linear_dynamic(x, self._packed, reduce_range=True)
+        return out if x.dtype == torch.float32 else out.to(x.dtype)
 
     def weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The int8 weight (a quantised tensor) and the float32 bias, unpacked."""

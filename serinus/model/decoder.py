@@ -92,8 +92,8 @@ class Attention(nn.Module):
         """Self-attention's queries, keys and values [B, H, L, d] of x [B, L, D]."""
         if self.qkv is None:
             return (self.split_heads(self.query(x)), *self.project_kv(x))
-        q, k, v = self.qkv(x).chunk(3, dim=-1)
-        return self.split_heads(q), self.split_heads(k), self.split_heads(v)
+        batch, length, _ = x.shape
+        return self.qkv(x).view(batch, length, 3, self.n_heads, self.d_head).permute(2, 0, 3, 1, 4).unbind(0)
 
     def forward(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, q: Tensor | None = None) -> Tensor:
         # x: [B, Lq, D]; k, v: [B, H, Lk, d]; mask: additive, broadcastable to [B, H, Lq, Lk];

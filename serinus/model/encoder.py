@@ -252,13 +252,15 @@ class RelPositionMultiHeadAttention(nn.Module):
             # Inference: a few heads at a time, each head's bias written in place, so a long input's
             # [B, H, T, T] bias is never held whole (30 MB a layer for 77 s at 8 heads, and as much
             # again to stack it); each head's attention is its own, so the result is the same.
-            group = max(1, min(h, self.BIAS_BYTES // (b * t * t * q_u.element_size())))
+            group = max(1, min(h, self.BIAS_BYTES // (3 * b * t * t * q_u.element_size())))
             outs = []
             for h0 in range(0, h, group):
                 h1 = min(h, h0 + group)
                 bias = q_u.new_empty(b, h1 - h0, t, t)
-                for i in range(h0, h1):
-                    position_bias(i, out=bias[:, i - h0])
+                # the group's heads in one product [g, B*T, 2T-1] and one masked, shifted write: at
+                # a short input the per-operator cost outweighs the work, and a group is small anyway
+                scores = torch.matmul(q_v[h0:h1], p[h0:h1].transpose(1, 2)).view(h1 - h0, b, t, -1)
+                torch.where(mask[:, 0], rel_shift(scores), masked, out=bias.transpose(0, 1))
                 outs.append(F.scaled_dot_product_attention(q_u[:, h0:h1], k[:, h0:h1], val[:, h0:h1], attn_mask=bias,
                                                            scale=scale))
             out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # [B, H, T, d]
