@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from serinus.model.decoder import KVCache, TransformerDecoder, additive_mask
+from serinus.model.decoder import KVCache, TransformerDecoder, cross_attention_mask
 
 
 @dataclass
@@ -72,6 +72,8 @@ def max_new_tokens(encoder_lengths: Tensor, prompt_len: int, cfg: DecodingConfig
 
 def _select(state: list, index: Tensor) -> list:
     """Keep rows `index` of every tensor and cache in a nested list/dict structure of per-layer states."""
+    if state is None:  # e.g. no cross-attention mask
+        return None
     if isinstance(state, Tensor):
         return state.index_select(0, index)
     if isinstance(state, KVCache):
@@ -97,7 +99,7 @@ def greedy_decode(
     output layer to a multiple of 8) are never chosen."""
     batch, prompt_len = prompts.shape
     cross_kv = decoder.cross_kv(encoder_states)
-    cross_mask = additive_mask(encoder_mask[:, None, None, :], encoder_states.dtype)
+    cross_mask = cross_attention_mask(encoder_mask, encoder_states.dtype)
     caches = decoder.new_caches(prompt_len + max(limits, default=0))
     results: list[list[int]] = [[] for _ in range(batch)]
     active = torch.arange(batch, device=prompts.device)  # original index of each row still decoding
@@ -145,7 +147,7 @@ def speculative_greedy_decode(
     if max(limits, default=0) == 0:
         return results
     cross_kv = decoder.cross_kv(encoder_states)
-    cross_mask = additive_mask(encoder_mask[:, None, None, :], encoder_states.dtype)
+    cross_mask = cross_attention_mask(encoder_mask, encoder_states.dtype)
     capacity = prompt_len + max(limits)
     caches, draft_caches = decoder.new_caches(capacity), draft.new_caches(capacity)
     token = _mask_padding(decoder.step(prompts, 0, cross_kv, cross_mask, caches), vocab_size).argmax(-1)  # [b]
@@ -218,7 +220,7 @@ def beam_search(
         return ((5.0 + lengths) / 6.0).pow(length_penalty)
 
     cross_kv = decoder.cross_kv(encoder_states)
-    cross_mask = additive_mask(encoder_mask[:, None, None, :], encoder_states.dtype)
+    cross_mask = cross_attention_mask(encoder_mask, encoder_states.dtype)
     caches = decoder.new_caches(prompt_len + max(limits, default=0))
     log_probs = _mask_padding(decoder.step(prompts, 0, cross_kv, cross_mask, caches), vocab_size)  # [B, V]
     scores, first = log_probs.topk(k, dim=-1)  # [B, k]

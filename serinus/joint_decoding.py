@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from serinus.decoding import _mask_padding, _select
-from serinus.model.decoder import TransformerDecoder, additive_mask
+from serinus.model.decoder import TransformerDecoder, cross_attention_mask
 
 
 class CTCPrefixScorer:
@@ -89,7 +89,7 @@ def joint_beam_search(decoder: TransformerDecoder, states: Tensor, mask: Tensor,
     proposals = max(4, int(1.5 * beam_size))
     heard = _heard_tokens(ctc_log_probs, blank, eos_id, vocab_size) if w > 0 else torch.zeros(0, dtype=torch.long)
     cross_kv1 = decoder.cross_kv(states)
-    cross_mask1 = additive_mask(mask[:, None, None, :], states.dtype)
+    cross_mask1 = cross_attention_mask(mask, states.dtype)
     caches = decoder.new_caches(len(prompt) + limit + 1)
     prompt_t = torch.tensor([prompt], device=device)
     att_lp = _mask_padding(decoder.step(prompt_t, 0, cross_kv1, cross_mask1, caches), vocab_size).double().cpu()

@@ -222,3 +222,22 @@ def test_inference_attention_in_head_groups_is_the_attention_of_all_heads():
     assert torch.equal(all_heads, one_by_one)
     with torch.enable_grad():  # the training path: the same values (to rounding)
         torch.testing.assert_close(attn(x, pos, mask), all_heads, rtol=1e-5, atol=1e-5)
+
+
+def test_cross_attention_without_padding_needs_no_mask():
+    # no padded frame: no mask at all (attention adds no zeros), and the same log-probs as a mask of zeros
+    from serinus.model.decoder import DecoderConfig, TransformerDecoder, additive_mask, cross_attention_mask
+
+    torch.manual_seed(0)
+    decoder = TransformerDecoder(DecoderConfig(vocab_size=64, hidden_size=32, inner_size=64, num_layers=2,
+                                               num_attention_heads=4, max_sequence_length=32)).eval()
+    states, valid = torch.randn(2, 7, 32), torch.ones(2, 7, dtype=torch.bool)
+    assert cross_attention_mask(valid, states.dtype) is None
+    valid[1, 5:] = False
+    assert torch.equal(cross_attention_mask(valid, states.dtype), additive_mask(valid[:, None, None, :], states.dtype))
+    tokens = torch.tensor([[3, 4, 5], [6, 7, 8]])
+    with torch.inference_mode():
+        kv = decoder.cross_kv(states)
+        zeros = additive_mask(torch.ones(2, 1, 1, 7, dtype=torch.bool), states.dtype)
+        out = [decoder.step(tokens, 0, kv, mask, decoder.new_caches(8), every_position=True) for mask in (None, zeros)]
+    assert torch.equal(out[0], out[1])
