@@ -63,6 +63,16 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def best_of(repeat: int, fn):
+    """(the fastest of `repeat` calls of fn in seconds, fn's last result): timeit's rule."""
+    best, result = float("inf"), None
+    for _ in range(max(repeat, 1)):
+        t = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - t)
+    return best, result
+
+
 def time_run(model_path, spec):
     spec = json.load(open(spec))
     import torch
@@ -89,21 +99,15 @@ def time_run(model_path, spec):
         lengths = torch.full((audio.shape[0],), audio.shape[1])
         with torch.inference_mode():
             model.preprocessor(input_signal=audio[:1, :16000], length=lengths[:1])  # warm-up
-            for _ in range(spec.get("repeat", 1)):  # the best of `repeat` calls (timeit's rule)
-                t = time.perf_counter()
-                feats, flen = model.preprocessor(input_signal=audio, length=lengths)
-                out["features_s"] = min(out.get("features_s", 1e9), time.perf_counter() - t)
-                t = time.perf_counter()
-                model.encoder(audio_signal=feats, length=flen)
-                out["encoder_s"] = min(out.get("encoder_s", 1e9), time.perf_counter() - t)
+            repeat = spec.get("repeat", 1)
+            out["features_s"], (feats, flen) = best_of(repeat, lambda: model.preprocessor(input_signal=audio,
+                                                                                          length=lengths))
+            out["encoder_s"], _ = best_of(repeat, lambda: model.encoder(audio_signal=feats, length=flen))
     else:  # transcribe the files
         kwargs = dict(batch_size=spec["batch_size"], return_hypotheses=True, num_workers=0, verbose=False,
                       source_lang="en", target_lang="en", pnc="yes")
         model.transcribe([spec["warmup"]], **kwargs)  # warm-up: first-call allocations, lazy imports
-        for _ in range(spec.get("repeat", 1)):  # the best of `repeat` calls (timeit's rule)
-            t = time.perf_counter()
-            hyps = model.transcribe(spec["audio"], **kwargs)
-            out["wall_s"] = min(out.get("wall_s", 1e9), time.perf_counter() - t)
+        out["wall_s"], hyps = best_of(spec.get("repeat", 1), lambda: model.transcribe(spec["audio"], **kwargs))
         hyps = hyps[0] if isinstance(hyps, tuple) else hyps
         out["ids"] = [[int(i) for i in h.y_sequence] for h in hyps]
     out["peak_rss_mb"] = peak_rss_mb()

@@ -37,6 +37,16 @@ MODEL = CACHE / "canary-180m-flash-random.nemo"
 WARMUP = AUDIO / "en_01.wav"
 
 
+def best_of(repeat: int, fn):
+    """(the fastest of `repeat` calls of fn in seconds, fn's last result): timeit's rule."""
+    best, result = float("inf"), None
+    for _ in range(max(repeat, 1)):
+        t = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - t)
+    return best, result
+
+
 # -- Serinus's side (this file, run with --serinus-side in a fresh process) --------------------
 
 def serinus_side(spec: dict) -> dict:
@@ -57,22 +67,15 @@ def serinus_side(spec: dict) -> dict:
         lengths = torch.full((audio.shape[0],), audio.shape[1])
         with torch.inference_mode():
             model.preprocessor(audio[:1, :16000], lengths[:1].clamp(max=16000))  # warm-up
-            for _ in range(spec.get("repeat", 1)):  # the best of `repeat` calls (timeit's rule)
-                t = time.perf_counter()
-                feats, flen = model.preprocessor(audio, lengths)
-                out["features_s"] = min(out.get("features_s", 1e9), time.perf_counter() - t)
-                t = time.perf_counter()
-                model.encoder(feats, flen)
-                out["encoder_s"] = min(out.get("encoder_s", 1e9), time.perf_counter() - t)
+            repeat = spec.get("repeat", 1)
+            out["features_s"], (feats, flen) = best_of(repeat, lambda: model.preprocessor(audio, lengths))
+            out["encoder_s"], _ = best_of(repeat, lambda: model.encoder(feats, flen))
     else:
         kwargs = dict(batch_size=spec["batch_size"], beam_size=1, max_generation_delta=spec["max_generation_delta"],
                       source_lang="en", target_lang="en", pnc="yes", enable_chunking=False,
                       speculative=variant != "nodraft")
         model.transcribe([spec["warmup"]], **kwargs)  # warm-up on a short clip, as on NeMo's side
-        for _ in range(spec.get("repeat", 1)):  # the best of `repeat` calls (timeit's rule)
-            t = time.perf_counter()
-            hyps = model.transcribe(spec["audio"], **kwargs)
-            out["wall_s"] = min(out.get("wall_s", 1e9), time.perf_counter() - t)
+        out["wall_s"], hyps = best_of(spec.get("repeat", 1), lambda: model.transcribe(spec["audio"], **kwargs))
         out["ids"] = [h.y_sequence for h in hyps]
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
@@ -88,13 +91,8 @@ def machine_floors(threads: int) -> dict:
 
     torch.set_num_threads(threads)
 
-    def best(f, n=7):
-        times = []
-        for _ in range(n):
-            t = time.perf_counter()
-            f()
-            times.append(time.perf_counter() - t)
-        return min(times)
+    def best(f):  # seconds of the fastest of 7 tries
+        return best_of(7, f)[0]
 
     x = torch.ones(64 * 2**20)  # 256 MB, far beyond the caches
     out = {"bandwidth_gbs": x.numel() * 4 / best(x.sum) / 1e9}

@@ -199,8 +199,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # reduce_range: activations use 7 bits, as torch.ao's module does (no overflow in VPMADDUBSW)
-        out = _linear_dynamic(x, self._packed, True)
-        return out if x.dtype == torch.float32 else out.to(x.dtype)
+        return _linear_dynamic(x, self._packed, True).to(x.dtype)
 
     def weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The int8 weight (a quantised tensor) and the float32 bias, unpacked."""
