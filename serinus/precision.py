@@ -86,6 +86,14 @@ def unpacked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return torch.nn.functional.linear(x, weight, bias)
 
 
+_ONEDNN_ACTIVATION = {"none": "none", "silu": "swish"}  # oneDNN's swish with alpha 1 is SiLU
+
+
+def linear_silu(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """silu(layer(x)), the activation fused into the matmul where `layer` is a PackedLinear."""
+    return layer(x, activation="silu") if isinstance(layer, PackedLinear) else torch.nn.functional.silu(layer(x))
+
+
 class PackedLinear(nn.Module):
     """An inference-time nn.Linear whose CPU weight lives in oneDNN's blocked layout (packed once
     instead of on every call). state_dict(), load_state_dict() and `.weight` see the ordinary dense
@@ -108,13 +116,16 @@ class PackedLinear(nn.Module):
     def weight(self) -> torch.Tensor:
         return self._weight.to_dense() if self._packed else self._weight
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, activation: str = "none") -> torch.Tensor:
+        """linear(x), then SiLU when `activation` is "silu": fused into oneDNN's matmul (no second pass
+        over a [rows, out_features] activation) where the weight is packed."""
         if self.training:
             raise RuntimeError("this model was loaded for inference (its Linear weights are packed for the CPU "
                                "and frozen); to train it, load it with from_pretrained(..., for_training=True)")
         if self._packed and not (torch.is_grad_enabled() and x.requires_grad) and x.dtype == self._weight.dtype:
-            return torch.ops.mkldnn._linear_pointwise(x, self._weight, self.bias, "none", [], "")
-        return torch.nn.functional.linear(x, self.weight, self.bias)  # e.g. gradients to the input
+            return torch.ops.mkldnn._linear_pointwise(x, self._weight, self.bias, _ONEDNN_ACTIVATION[activation], [], "")
+        y = torch.nn.functional.linear(x, self.weight, self.bias)  # e.g. gradients to the input
+        return torch.nn.functional.silu(y) if activation == "silu" else y
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)  # the bias

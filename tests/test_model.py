@@ -203,6 +203,26 @@ def test_subsampling_inference_path_matches_training_path():
     torch.testing.assert_close(out1, ref[:1].detach(), rtol=1e-5, atol=1e-5)
 
 
+def test_inference_encoder_output_ends_at_the_longest_valid_frame():
+    # features carry one frame past the valid length (the centred STFT); at inference the encoder's
+    # output stops at the longest item's valid frames, so an unpadded batch runs with no masks at all.
+    # The frames are the training path's (which keeps NeMo's full length), valid part and lengths
+    from serinus.model.encoder import ConformerEncoder, EncoderConfig
+
+    torch.manual_seed(0)
+    enc = ConformerEncoder(EncoderConfig(feat_in=80, n_layers=2, d_model=64, n_heads=4,
+                                         subsampling_conv_channels=16)).eval()
+    x = torch.randn(2, 80, 201)  # 200 valid frames: 25 output frames, 26 for all 201 (8x subsampling)
+    for lengths in (torch.tensor([200, 200]), torch.tensor([200, 120])):
+        with torch.enable_grad():
+            ref, ref_len = enc(x, lengths)
+        with torch.inference_mode():
+            out, out_len = enc(x, lengths)
+        assert torch.equal(out_len, ref_len) and out.shape[-1] == int(ref_len.max()) < ref.shape[-1]
+        for i, n in enumerate(ref_len.tolist()):
+            torch.testing.assert_close(out[i, :, :n], ref[i, :, :n].detach(), rtol=1e-4, atol=1e-4)
+
+
 def test_inference_attention_in_head_groups_is_the_attention_of_all_heads():
     # without autograd the position biases are built a few heads at a time (a long input's
     # [B, H, T, T] is never held whole): the output is the all-heads one, exactly, padding included
@@ -222,6 +242,12 @@ def test_inference_attention_in_head_groups_is_the_attention_of_all_heads():
     assert torch.equal(all_heads, one_by_one)
     with torch.enable_grad():  # the training path: the same values (to rounding)
         torch.testing.assert_close(attn(x, pos, mask), all_heads, rtol=1e-5, atol=1e-5)
+    # no padding: no mask (None) is an all-True mask, on both paths
+    full = torch.ones_like(mask)
+    with torch.inference_mode():
+        assert torch.equal(attn(x, pos, None), attn(x, pos, full))
+    with torch.enable_grad():
+        assert torch.equal(attn(x, pos, None), attn(x, pos, full))
 
 
 def test_cross_attention_without_padding_needs_no_mask():

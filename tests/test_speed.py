@@ -11,6 +11,7 @@ from serinus import precision
 from serinus.audio import load_audio
 from serinus.decoding import greedy_decode
 from serinus.model.canary import CanaryModel as Model
+from serinus.model.encoder import calc_subsampled_length
 from serinus.weights import WEIGHTS_FILE, extract_nemo, nemo_to_serinus_state_dict, read_weights
 
 CLIPS = sorted(str(p) for p in AUDIO.glob("*_0*.wav"))
@@ -132,18 +133,24 @@ def test_static_cache_steps_equal_the_full_forward(model):
 
 
 def test_length_limit_counts_the_encoder_output_as_nemo_does(model):
-    """NeMo's limit counts the encoder output tensor (963 frames for the 77 s clip), one frame more
-    than its valid part (962); so with max_generation_delta 0 it allows one token more."""
+    """NeMo's limit counts its encoder output tensor, which spans every feature frame (963 for the 77 s
+    clip), one frame more than its valid part (962); so with max_generation_delta 0 it allows one token
+    more. Serinus's encoder output stops at the valid part (the extra frame is padding), so the limit
+    comes from the audio length alone."""
+    stages = model.encoder.pre_encode.num_stages
     audio = torch.from_numpy(load_audio(str(AUDIO / "en_long.wav")))[None]
     lengths = torch.tensor([audio.shape[1]])
     with torch.inference_mode():
-        states, _, enc_len = model.encode(audio, lengths)
-    assert int(enc_len) == 962 and states.shape[1] == 963
-    assert model.limit_lengths(lengths).tolist() == [states.shape[1]]
-    for clip in CLIPS:  # an item alone: always the encoder output's length
+        features, _ = model.preprocessor(audio, lengths)
+        states, mask, enc_len = model.encode(audio, lengths)
+    assert int(enc_len) == 962 and states.shape[1] == 962 and bool(mask.all())
+    nemo_frames = int(calc_subsampled_length(torch.tensor(features.shape[-1]), stages))
+    assert nemo_frames == 963 and model.limit_lengths(lengths).tolist() == [nemo_frames]
+    for clip in CLIPS:  # an item alone: always the length of NeMo's encoder output
         n = torch.tensor([len(load_audio(clip))])
         with torch.inference_mode():
-            assert model.limit_lengths(n).tolist() == [model.encode(torch.zeros(1, int(n)), n)[0].shape[1]]
+            features, _ = model.preprocessor(torch.zeros(1, int(n)), n)
+        assert model.limit_lengths(n).tolist() == [int(calc_subsampled_length(torch.tensor(features.shape[-1]), stages))]
 
 
 def test_greedy_generates_up_to_the_limit(model):
@@ -180,6 +187,10 @@ def test_packed_linear_computes_nn_linear_and_keeps_the_dense_weight():
         with torch.inference_mode():
             torch.testing.assert_close(packed(x), dense(x), rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(packed(x[:, :1]), dense(x[:, :1]), rtol=1e-5, atol=1e-5)  # one decoder row
+            # SiLU fused into the matmul (the encoder's feed-forward): silu(linear(x)), to rounding
+            torch.testing.assert_close(precision.linear_silu(packed, x), torch.nn.functional.silu(dense(x)),
+                                       rtol=1e-5, atol=1e-5)
+            assert torch.equal(precision.linear_silu(dense, x), torch.nn.functional.silu(dense(x)))
         state = packed.state_dict()
         assert set(state) == set(dense.state_dict()) and torch.equal(state["weight"], dense.weight)
         assert torch.equal(packed.weight, dense.weight)

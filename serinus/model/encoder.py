@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from serinus.model.dropout import Dropout
-from serinus.precision import unpacked_linear
+from serinus.precision import linear_silu, unpacked_linear
 
 
 @dataclass
@@ -114,20 +114,21 @@ class ConvSubsampling(nn.Module):
         """x [B, T, F] features, lengths [B] -> [B, T', d_model], lengths [B]."""
         if torch.is_grad_enabled():
             x, lengths = self._convs(x.unsqueeze(1), lengths)
-        elif x.shape[0] == 1:
-            x, lengths = self._convs_in_chunks(x, lengths)
         else:
             # Inference: one item at a time, each cut to its own length, so the widest activation
             # ([C, T/2, F/2]: 390 MB for 4 x 30 s at 256 channels) is held for one item, not the whole
-            # batch. The result is the same: padding is zeroed before every layer anyway.
-            t_out = int(calc_subsampled_length(torch.tensor(x.shape[1]), self.num_stages))
+            # batch, and no layer has padding to zero (a whole pass over that activation each). The
+            # result is the same: padding is zeroed before every layer, as the convs' own padding is.
+            # The output is as long as the longest item needs (the features carry one frame past the
+            # valid length), so an unpadded batch needs no masks in the layers either.
+            t_out = int(calc_subsampled_length(lengths.max().clamp(min=1), self.num_stages))
             parts, lens = [], []
             for i in range(x.shape[0]):
                 n = max(int(lengths[i]), 1)
                 y, out_len = self._convs_in_chunks(x[i : i + 1, :n], lengths[i : i + 1])
-                parts.append(F.pad(y, (0, 0, 0, t_out - y.shape[2])))
+                parts.append(F.pad(y, (0, 0, 0, t_out - y.shape[2])) if y.shape[2] < t_out else y)
                 lens.append(out_len)
-            x, lengths = torch.cat(parts), torch.cat(lens)
+            x, lengths = (torch.cat(parts), torch.cat(lens)) if len(parts) > 1 else (parts[0], lens[0])
         b, c, t, f = x.shape
         return self.out(x.transpose(1, 2).reshape(b, t, c * f)), lengths  # [B, T', d_model]
 
@@ -221,8 +222,9 @@ class RelPositionMultiHeadAttention(nn.Module):
         self.pos_bias_v = nn.Parameter(torch.zeros(n_heads, self.d_head))
         self.dropout = dropout
 
-    def forward(self, x: Tensor, pos_emb: Tensor, mask: Tensor) -> Tensor:
-        # x: [B, T, D]; pos_emb: [1, 2T-1, D]; mask: [B, 1, T, T] bool, True = may attend
+    def forward(self, x: Tensor, pos_emb: Tensor, mask: Tensor | None) -> Tensor:
+        # x: [B, T, D]; pos_emb: [1, 2T-1, D]; mask: [B, 1, T, T] bool, True = may attend (None: no
+        # padding, every query may attend to every key)
         b, t, _ = x.shape
         h, d = self.n_heads, self.d_head
         u, v = self.pos_bias_u, self.pos_bias_v
@@ -241,8 +243,9 @@ class RelPositionMultiHeadAttention(nn.Module):
         masked = q_u.new_tensor(-10000.0)
 
         if torch.is_grad_enabled():
-            bias = torch.stack([torch.where(mask[:, 0], rel_shift(F.linear(q_v[i], p[i]).view(b, t, -1)), masked)
-                                for i in range(h)], dim=1)  # [B, H, T, T]
+            shifted = [rel_shift(F.linear(q_v[i], p[i]).view(b, t, -1)) for i in range(h)]
+            bias = torch.stack(shifted if mask is None else [torch.where(mask[:, 0], s, masked) for s in shifted],
+                               dim=1)  # [B, H, T, T]
             out = F.scaled_dot_product_attention(
                 q_u, k, val, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0, scale=scale
             )
@@ -259,12 +262,15 @@ class RelPositionMultiHeadAttention(nn.Module):
                 h1 = min(h, h0 + group)
                 bias = q_u.new_empty(b, h1 - h0, t, t)
                 scores = torch.matmul(q_v[h0:h1], p[h0:h1].transpose(1, 2)).view(h1 - h0, b, t, -1)
-                torch.where(mask[:, 0], rel_shift(scores), masked, out=bias.transpose(0, 1))
+                if mask is None:
+                    bias.transpose(0, 1).copy_(rel_shift(scores))
+                else:
+                    torch.where(mask[:, 0], rel_shift(scores), masked, out=bias.transpose(0, 1))
                 outs.append(F.scaled_dot_product_attention(q_u[:, h0:h1], k[:, h0:h1], val[:, h0:h1], attn_mask=bias,
                                                            scale=scale))
             out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # [B, H, T, d]
-        # rows of padded queries attend to nothing in NeMo: zero them
-        out = out.masked_fill(~mask.any(-1, keepdim=True), 0.0)
+        if mask is not None:  # rows of padded queries attend to nothing in NeMo: zero them
+            out = out.masked_fill(~mask.any(-1, keepdim=True), 0.0)
         return self.linear_out(out.transpose(1, 2).reshape(b, t, h * d))
 
 
@@ -276,7 +282,7 @@ class FeedForward(nn.Module):
         self.dropout = Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.linear2(self.dropout(F.silu(self.linear1(x))))
+        return self.linear2(self.dropout(linear_silu(self.linear1, x)))
 
 
 class ConvModule(nn.Module):
@@ -294,12 +300,13 @@ class ConvModule(nn.Module):
             self.batch_norm = nn.LayerNorm(d_model)  # NeMo keeps the attribute name for either norm
         self.pointwise_conv2 = nn.Conv1d(d_model, d_model, 1, bias=use_bias)
 
-    def forward(self, x: Tensor, valid: Tensor) -> Tensor:
-        # x: [B, T, D]; valid: [B, T] bool. The activations stay time-major ([B, T, D] in memory): the
-        # pointwise convs are matmuls over channels (through oneDNN at inference, as the Linear layers)
-        # and the depthwise conv runs on a channels-last view, so no transposed copy is made of them
+    def forward(self, x: Tensor, valid: Tensor | None) -> Tensor:
+        # x: [B, T, D]; valid: [B, T] bool (None: no padding). The activations stay time-major ([B, T, D]
+        # in memory): the pointwise convs are matmuls over channels (through oneDNN at inference, as the
+        # Linear layers) and the depthwise conv runs on a channels-last view, so no transposed copy is made
         x = F.glu(_pointwise(x, self.pointwise_conv1), dim=-1)
-        x = x.masked_fill(~valid[..., None], 0.0)  # padding must not leak into the depthwise conv
+        if valid is not None:
+            x = x.masked_fill(~valid[..., None], 0.0)  # padding must not leak into the depthwise conv
         conv = self.depthwise_conv
         weight = conv.weight.unsqueeze(-1).contiguous(memory_format=torch.channels_last)  # [D, 1, K, 1]
         x = F.conv2d(x.transpose(1, 2).unsqueeze(-1), weight, conv.bias, 1, (conv.padding[0], 0), 1, conv.groups)
@@ -335,10 +342,11 @@ class ConformerLayer(nn.Module):
         self.dropout = Dropout(cfg.dropout)
 
     def forward(self, x, pos_emb, att_mask, valid) -> Tensor:
-        x = x + 0.5 * self.dropout(self.feed_forward1(self.norm_feed_forward1(x)))
+        # x + 0.5 * y as one pass (add's alpha): the same rounding, halving is exact
+        x = torch.add(x, self.dropout(self.feed_forward1(self.norm_feed_forward1(x))), alpha=0.5)
         x = x + self.dropout(self.self_attn(self.norm_self_att(x), pos_emb, att_mask))
         x = x + self.dropout(self.conv(self.norm_conv(x), valid))
-        x = x + 0.5 * self.dropout(self.feed_forward2(self.norm_feed_forward2(x)))
+        x = torch.add(x, self.dropout(self.feed_forward2(self.norm_feed_forward2(x))), alpha=0.5)
         return self.norm_out(x)
 
 
@@ -366,6 +374,8 @@ class ConformerEncoder(nn.Module):
         pos_emb = self.dropout_emb(relative_positions(t, self.cfg.d_model, x.device, x.dtype))
         valid = time_mask(lengths, t)  # [B, T']
         att_mask = (valid[:, :, None] & valid[:, None, :]).unsqueeze(1)  # [B, 1, T', T']
+        if not torch.is_grad_enabled() and bool(valid.all()):
+            valid = att_mask = None  # no item padded (inference runs most batches so): no masking passes
         for layer in self.layers:
             x = layer(x, pos_emb, att_mask, valid)
         return x.transpose(1, 2), lengths

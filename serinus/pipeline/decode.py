@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from serinus.audio import collate_audio
 from serinus.decoding import DecodingConfig, beam_search, greedy_decode, max_new_tokens, speculative_greedy_decode
@@ -91,10 +92,14 @@ def run_decoder(model, rows: list[Row], decoding: DecodingConfig,
         audio, lengths = collate_audio([r.samples for r in rows[start : start + n_rows]], model.device, longest)
         parts.append(model.encode_with_ctc(audio, lengths) if joint else model.encode(audio, lengths) + (None,))
         del audio
-    states = torch.cat([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
-    mask = torch.cat([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
-    enc_lengths = torch.cat([p[2] for p in parts]) if len(parts) > 1 else parts[0][2]
-    ctc_log_probs = (torch.cat([p[3] for p in parts]) if len(parts) > 1 else parts[0][3]) if joint else None
+    if len(parts) > 1:  # each slice's states are as long as its own longest row needs: pad to the longest
+        frames = max(p[0].shape[1] for p in parts)
+        states = torch.cat([F.pad(p[0], (0, 0, 0, frames - p[0].shape[1])) for p in parts])
+        mask = torch.cat([F.pad(p[1], (0, frames - p[1].shape[1]), value=False) for p in parts])
+        enc_lengths = torch.cat([p[2] for p in parts])
+        ctc_log_probs = torch.cat([F.pad(p[3], (0, 0, 0, frames - p[3].shape[1])) for p in parts]) if joint else None
+    else:
+        states, mask, enc_lengths, ctc_log_probs = parts[0]
     del parts
     tok = model.tokenizer
     out: list[Transcript | None] = [None] * len(rows)
