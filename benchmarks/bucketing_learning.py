@@ -23,6 +23,7 @@ import torch
 from serinus.model.ctc import ctc_loss
 from serinus.train import loop
 from serinus.train.config import load_config
+from serinus.train.optim import build_optimizer
 from serinus.train.tasks import make_task
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,7 +63,7 @@ def run(variant: str, steps: int, tokenizer_dir: str) -> list[float]:
     else:
         sampler = loop.build_sampler(cfg["train_ds"], cuts, 0, 1, 0)
         source = (b for _, _, b in loop.batch_stream(sampler, 0, 0))
-    opt, sched = loop.build_optimizer(model, cfg["optim"], int(cfg["trainer"]["max_steps"]))
+    opt, sched = build_optimizer(model, cfg["optim"], int(cfg["trainer"]["max_steps"]))
     losses, t0 = [], time.time()
     for step, cut_batch in enumerate(source, 1):
         batch = dataset[cut_batch]

@@ -12,6 +12,7 @@ import yaml
 from conftest import DATA, FIXTURES
 from serinus import train as T
 from serinus.train import nemo_config as N
+from serinus.train.init import nemo_names, nemo_selected
 
 CONFIGS = FIXTURES / "configs"
 YAML = CONFIGS / "fast-conformer_aed.yaml"
@@ -185,11 +186,11 @@ def test_init_from_pretrained_model_with_the_seeds_exclude_list(tok, tmp_path):
     cfg, _, _ = N.load_nemo_config(_finetune_yaml(tmp_path), overrides)
     assert cfg["init_from"] == {"path": str(NEMO), "include": [], "exclude": SEED_EXCLUDE, "match": "nemo_substring"}
     src = load_model(NEMO)
-    excluded = sorted(k for k in src.state_dict() if not N.nemo_selected(k, [], SEED_EXCLUDE))
+    excluded = sorted(k for k in src.state_dict() if not nemo_selected(k, [], SEED_EXCLUDE))
     assert excluded == ["decoder.head_bias", "decoder.token_embedding.weight"]
     for one in SEED_EXCLUDE:  # tied: NeMo loads the shared tensor through whichever of its two names is left
-        assert N.nemo_selected("decoder.token_embedding.weight", [], [one])
-    assert N.nemo_selected("encoder_decoder_proj.weight", ["encoder"], [])  # NeMo: "encoder" in the name
+        assert nemo_selected("decoder.token_embedding.weight", [], [one])
+    assert nemo_selected("encoder_decoder_proj.weight", ["encoder"], [])  # NeMo: "encoder" in the name
 
     tokenizer = T.build_tokenizer(cfg)  # the new tokenizer: another vocabulary, so the embedding must go
     torch.manual_seed(0)
@@ -215,7 +216,7 @@ def test_nemo_names_invert_the_checkpoint_renames(tmp_path):
         if key == "log_softmax.mlp.layer0.weight":
             renamed = ["decoder.token_embedding.weight"]  # tied: dropped by the rename, one tensor here
         for name in renamed:
-            assert key in N.nemo_names(name), (key, name)
+            assert key in nemo_names(name), (key, name)
 
 
 def test_tokenizer_langs_keeps_the_config_order(tok):

@@ -22,8 +22,8 @@ from pathlib import Path
 
 from serinus.train.config import DEFAULTS, ConfigError, load_config, parse_max_time
 from serinus.train.init import init_from_model, init_weights
-from serinus.train.loop import (build_optimizer, build_tokenizer, last_checkpoint, load_cuts,
-                                lr_at, save_checkpoint, train)
+from serinus.train.loop import build_tokenizer, last_checkpoint, load_cuts, save_checkpoint, train
+from serinus.train.optim import build_optimizer, lr_at
 from serinus.train.tasks import AEDTask, CTCTask, make_task, normalize_text
 
 __all__ = ["DEFAULTS", "ConfigError", "load_config", "parse_max_time", "train", "build_tokenizer", "init_weights", "init_from_model",

@@ -21,12 +21,27 @@ from serinus.train.config import ConfigError
 
 def selected(name: str, include: list[str], exclude: list[str], match: str = "prefix") -> bool:
     if match == "nemo_substring":  # NeMo's rule, on NeMo's names for this parameter
-        from serinus.train.nemo_config import nemo_selected
-
         return nemo_selected(name, include, exclude)
     if any(name.startswith(p) for p in exclude):
         return False
     return not include or any(name.startswith(p) for p in include)
+
+
+def nemo_names(name: str) -> list[str]:
+    """The NeMo parameter name(s) of a Serinus one; the tied token embedding is also the head's weight."""
+    from serinus.weights import rename
+
+    nemo = rename(name, to_nemo=True)
+    return [nemo, "log_softmax.mlp.layer0.weight"] if name == "decoder.token_embedding.weight" else [nemo]
+
+
+def nemo_selected(name: str, include, exclude) -> bool:
+    """NeMo's rule (ModelPT.load_part_of_state_dict) on a Serinus parameter: a NeMo name of it contains an
+    include string (none given: all) and no exclude string."""
+    def chosen(n):
+        return (not include or any(p in n for p in include)) and not any(e in n for e in exclude)
+
+    return any(chosen(n) for n in nemo_names(name))
 
 
 def init_weights(model, state: dict, include: list[str], exclude: list[str], where: str,

@@ -600,24 +600,7 @@ def _init_from(src: _Source) -> dict | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# what the translated config needs at run time: NeMo's parameter names, the ordered tokenizer
-
-
-def nemo_names(name: str) -> list[str]:
-    """The NeMo parameter name(s) of a Serinus one; the tied token embedding is also the head's weight."""
-    from serinus.weights import rename
-
-    nemo = rename(name, to_nemo=True)
-    return [nemo, "log_softmax.mlp.layer0.weight"] if name == "decoder.token_embedding.weight" else [nemo]
-
-
-def nemo_selected(name: str, include, exclude) -> bool:
-    """NeMo's rule (ModelPT.load_part_of_state_dict) on a Serinus parameter: a NeMo name of it contains an
-    include string (none given: all) and no exclude string."""
-    def chosen(n):
-        return (not include or any(p in n for p in include)) and not any(e in n for e in exclude)
-
-    return any(chosen(n) for n in nemo_names(name))
+# what the translated config needs at run time: the ordered tokenizer
 
 
 def _model_file(folder) -> Path | None:
@@ -645,4 +628,4 @@ def langs_tokenizer(langs: dict):
 
 
 __all__ = ["is_nemo_config", "is_nemo_config_file", "load_nemo_config", "apply_overrides", "translate",
-           "nemo_names", "nemo_selected", "langs_tokenizer"]
+           "langs_tokenizer"]
