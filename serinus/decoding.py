@@ -135,13 +135,18 @@ def speculative_greedy_decode(
     eos_id: int,
     vocab_size: int | None = None,
     draft_len: int = 8,
+    max_draft_len: int = 32,
 ) -> list[list[int]]:
     """`greedy_decode`'s result from fewer passes of `decoder`: `draft`, a cheaper copy of it (its
-    int8 copy, serinus.precision.int8_draft), proposes up to `draft_len` tokens one at a time, and
-    `decoder` checks them all in one pass (at batch 1 a pass costs reading its weights once, however
-    many positions it holds). Every token kept is `decoder`'s own argmax; the proposals only decide
-    how far one pass gets. The batch moves on by its shortest run of agreement; finished rows leave
-    it. Both decoders read `decoder`'s cross-attention keys/values."""
+    int8 copy, serinus.precision.int8_draft), proposes a run of tokens one at a time, and `decoder`
+    checks them all in one pass (at batch 1 a pass costs reading its weights once, however many
+    positions it holds). Every token kept is `decoder`'s own argmax; the proposals only decide how far
+    one pass gets. The run starts at `draft_len` tokens and doubles, up to `max_draft_len`, while
+    passes accept all of it (a pass costs several draft steps: measured on the 180m-flash architecture,
+    a 77 s clip took 10.9 s with runs of 8, 9.2 s with runs of 32, its int8 draft agreeing nearly
+    always); after a rejection it is what that pass accepted, plus one. The batch moves on by its
+    shortest run of agreement; finished rows leave it. Both decoders read `decoder`'s cross-attention
+    keys/values."""
     batch, prompt_len = prompts.shape
     results: list[list[int]] = [[] for _ in range(batch)]
     if max(limits, default=0) == 0:
@@ -154,6 +159,7 @@ def speculative_greedy_decode(
     draft.step(prompts, 0, cross_kv, cross_mask, draft_caches)
     active = torch.arange(batch, device=prompts.device)  # original index of each row still decoding
     pos = prompt_len  # `caches` hold positions 0..pos-1; `token` (decided) goes at `pos`
+    run = max(1, draft_len)  # tokens the draft proposes in the next pass (before the limits)
     unseen = token[:, None]  # decided tokens the draft has not read: its positions draft_length..pos
     while True:
         rows = active.tolist()
@@ -171,7 +177,7 @@ def speculative_greedy_decode(
             caches, draft_caches = _select(caches, keep), _select(draft_caches, keep)
             rows = active.tolist()
         # this pass decides k + 1 tokens at most; no row may take more than its limit allows
-        k = min(draft_len, min(limits[item] - len(results[item]) for item in rows) - 1)
+        k = min(run, min(limits[item] - len(results[item]) for item in rows) - 1)
         proposals, x = [], unseen
         for _ in range(k):
             start = draft_caches[0].length
@@ -181,6 +187,7 @@ def speculative_greedy_decode(
         checked = _mask_padding(decoder.step(block, pos, cross_kv, cross_mask, caches, every_position=True),
                                 vocab_size).argmax(-1)  # [b, 1 + k]: the decoder's token after each position
         agreed = int((checked[:, :k] == block[:, 1:]).int().cumprod(dim=1).sum(dim=1).min()) if k else 0
+        run = min(2 * run, max_draft_len) if agreed == k else agreed + 1
         # decided now: block[:, 1 : agreed + 1] (the same as checked[:, :agreed]), and checked[:, agreed] next
         nxt = checked[:, agreed].clone()
         for r, (item, row) in enumerate(zip(rows, block[:, 1 : agreed + 1].tolist())):

@@ -120,3 +120,30 @@ def test_cli_no_speculative(capsys, monkeypatch):
     assert calls
     assert cli.transcribe_main(args + ["--no-speculative"]) == 0
     assert capsys.readouterr().out == with_draft and len(calls) == 1
+
+
+def test_the_draft_run_grows_while_the_model_accepts_it(model, encoded):
+    """A draft that always agrees (here the model itself) gets runs of 1, 2, 4, ... up to max_draft_len:
+    a long decode takes far fewer passes of the model than fixed runs would, with the same tokens."""
+    states, mask, prompts = encoded
+    torch.manual_seed(2)
+    decoder = TransformerDecoder(model.decoder.cfg).eval()  # random weights: decodes to its limit
+    eos, vocab = model.tokenizer.eos_id, model.tokenizer.vocab_size
+    want = greedy_decode(decoder, states[:1], mask[:1], prompts[:1], [150], eos, vocab)
+    assert len(want[0]) == 150
+    passes, real_step = [], decoder.step
+
+    def counting(x, *args, **kwargs):
+        if kwargs.get("every_position"):
+            passes.append(x.shape[1] - 1)  # the tokens proposed
+        return real_step(x, *args, **kwargs)
+
+    decoder.step = counting
+    got = speculative_greedy_decode(decoder, decoder, states[:1], mask[:1], prompts[:1], [150], eos, vocab,
+                                    draft_len=1, max_draft_len=32)
+    assert got == want
+    assert passes[:6] == [1, 2, 4, 8, 16, 32] and len(passes) == 9  # runs of 8: 17 passes
+    passes.clear()
+    fixed = speculative_greedy_decode(decoder, decoder, states[:1], mask[:1], prompts[:1], [150], eos, vocab,
+                                      draft_len=8, max_draft_len=8)
+    assert fixed == want and set(passes[:-1]) == {8}
