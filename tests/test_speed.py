@@ -238,7 +238,8 @@ def test_int8_quantises_the_pointwise_convs():
 
 def test_int8_linear_is_torch_dynamic_quantisation():
     """Int8Linear packs once what torch.ao's dynamic quantised Linear computes: the same int8
-    weights and scales (one per row, a zero row included), the same outputs, exactly."""
+    weights and scales (one per row, a zero row included), the same outputs, exactly (with 8-bit
+    activations where the CPU has AVX-512 VNNI, torch.ao's 7 elsewhere)."""
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
     torch.manual_seed(0)
@@ -255,7 +256,31 @@ def test_int8_linear_is_torch_dynamic_quantisation():
         assert torch.equal(weight.int_repr(), ref_weight.int_repr())
         assert torch.equal(weight.q_per_channel_scales(), ref_weight.q_per_channel_scales())
         x = 3 * torch.randn(5, 96)
-        assert torch.equal(mine(x), ref(x))
+        assert torch.equal(mine(x), torch.ops.quantized.linear_dynamic(x, ref._packed_params._packed_params,
+                                                                       precision._REDUCE_RANGE))
+        if precision._REDUCE_RANGE:
+            assert torch.equal(mine(x), ref(x))
+
+
+def test_int8_activations_use_all_8_bits_only_where_nothing_overflows():
+    """Full-range activations against full-range weights of one sign: two adjacent products sum past
+    16 bits, which a kernel without VNNI would saturate. The result is still the product of the
+    quantised values (to rounding); and where all 8 bits are used, random inputs come closer to
+    float32 than with 7."""
+    torch.manual_seed(0)
+
+    def rel_err(layer, x, reduce_range):
+        exact = x @ layer.weight_and_bias()[0].dequantize().T
+        y = torch.ops.quantized.linear_dynamic(x, layer._packed, reduce_range)
+        return float((y - exact).abs().max() / exact.abs().max())
+
+    ones = precision.Int8Linear(torch.ones(64, 512), None)
+    x = 10 * torch.rand(4, 512)
+    assert torch.equal(ones(x), torch.ops.quantized.linear_dynamic(x, ones._packed, precision._REDUCE_RANGE))
+    assert rel_err(ones, x, precision._REDUCE_RANGE) < 1e-3  # a saturated sum would be far off
+    if not precision._REDUCE_RANGE:
+        layer, x = precision.Int8Linear(torch.randn(64, 512), None), 3 * torch.randn(4, 512)
+        assert rel_err(layer, x, False) < rel_err(layer, x, True)
 
 
 def test_int8_stacks_the_self_attention_projections_exactly():
