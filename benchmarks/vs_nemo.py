@@ -310,9 +310,9 @@ def render(results, floors, short, long, dtypes, threads) -> str:
                  f"GFLOP/s fp32, {floors['gemm_bf16_gflops']:.0f} bf16, {floors['gemm_int8_gflops']:.0f} int8 "
                  f"(dynamic); {threads} threads; greedy, max_generation_delta 0")
     if "float32" in dtypes:
-        lines.append("float32: greedy decoding checks an int8 draft's proposals up to 8 tokens per pass (speculative "
-                     "decoding; every token is float32's own argmax), so its ms per token can go under one step's "
-                     "floor; float32-nodraft: one token per pass")
+        lines.append("float32: greedy decoding checks an int8 draft's proposals in one pass, runs of 8 doubling to 32 "
+                     "while all are accepted (speculative decoding; every token is float32's own argmax), so its ms "
+                     "per token can go under one step's floor; float32-nodraft: one token per pass")
     return "\n".join(lines)
 
 

@@ -140,9 +140,9 @@ class CanaryModel(nn.Module):
 
     def limit_lengths(self, audio_lengths: Tensor) -> Tensor:
         """The encoder length NeMo's generation limit counts, for each item decoded alone: the length
-        of the encoder output tensor, not of its valid part. The centred STFT gives one frame more than
-        the valid frames, so this is at times one more than `encode`'s lengths (963 vs 962 for a 77 s
-        clip), and NeMo allows one more token there."""
+        of NeMo's encoder output tensor, not of its valid part. The centred STFT gives one frame more
+        than the valid frames, so this is at times one more than `encode`'s lengths (963 vs 962 for a
+        77 s clip: Serinus's own output stops at the valid frames), and NeMo allows one more token there."""
         cfg = self.cfg.features
         frames = feature_lengths(audio_lengths, cfg.n_fft, cfg.hop_length) + 1
         if cfg.pad_to > 0:
