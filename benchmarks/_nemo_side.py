@@ -10,6 +10,8 @@ import resource
 import sys
 import time
 
+from vs_nemo import best_of  # the same timing rule on both sides (vs_nemo imports the standard library only)
+
 T0 = time.perf_counter()
 SHARED = os.environ["SERINUS_SHARED"]
 FIXTURES = os.path.join(SHARED, "fixtures", "nemo")
@@ -61,16 +63,6 @@ def build(out, work):
 
 def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def best_of(repeat: int, fn):
-    """(the fastest of `repeat` calls of fn in seconds, fn's last result): timeit's rule."""
-    best, result = float("inf"), None
-    for _ in range(max(repeat, 1)):
-        t = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, result
 
 
 def time_run(model_path, spec):

@@ -373,9 +373,10 @@ class ConformerEncoder(nn.Module):
         x = self.dropout_pre_encoder(x)
         pos_emb = self.dropout_emb(relative_positions(t, self.cfg.d_model, x.device, x.dtype))
         valid = time_mask(lengths, t)  # [B, T']
-        att_mask = (valid[:, :, None] & valid[:, None, :]).unsqueeze(1)  # [B, 1, T', T']
         if not torch.is_grad_enabled() and bool(valid.all()):
             valid = att_mask = None  # no item padded (inference runs most batches so): no masking passes
+        else:
+            att_mask = (valid[:, :, None] & valid[:, None, :]).unsqueeze(1)  # [B, 1, T', T']
         for layer in self.layers:
             x = layer(x, pos_emb, att_mask, valid)
         return x.transpose(1, 2), lengths
