@@ -416,7 +416,7 @@ def run(args) -> None:
     tok_cfg = flash.save_tokenizers(flash_tok_dir)
     print(f"canary_model.save_tokenizers({str(flash_tok_dir)!r}) -> {sorted(os.listdir(flash_tok_dir))}")
     print(f"  tokenizer config: {json.dumps(tok_cfg)}")
-    from serinus.data.bucketing import open_tokenizer
+    from serinus.tokenizer import open_tokenizer
 
     try:
         readable = open_tokenizer(str(flash_tok_dir)).vocab == flash.tokenizer.vocab

@@ -441,3 +441,59 @@ def nemo_resolver(extracted_dir: str | Path) -> Callable[[str], Path]:
         return Path(path)
 
     return resolve
+
+
+def tokenizer_model_in(folder: str | Path) -> Path | None:
+    """<folder>/tokenizer.model (NeMo's layout), or the one in its only sub-folder that has one (what
+    `serinus tokenizer train` writes: <folder>/tokenizer_spe_bpe_v<N>/)."""
+    p = Path(folder)
+    if (p / "tokenizer.model").is_file():
+        return p / "tokenizer.model"
+    found = sorted(p.glob("*/tokenizer.model"))
+    return found[0] if len(found) == 1 else None
+
+
+def langs_tokenizer(langs: Mapping) -> CanaryTokenizer:
+    """NeMo's aggregate tokenizer from a training config's `tokenizer.langs` ({name: folder}), ids in the
+    given order."""
+    models = {}
+    for lang, folder in langs.items():
+        if (found := tokenizer_model_in(folder)) is None:
+            raise ValueError(f"tokenizer.langs.{lang}: {folder} holds no tokenizer.model (nor one sub-folder with it)")
+        models[str(lang)] = found
+    if "spl_tokens" not in models:
+        raise ValueError("tokenizer.langs needs a spl_tokens entry (the special-token model)")
+    return CanaryTokenizer(models)
+
+
+def open_tokenizer(path: str | Path) -> Tokenizer:
+    """A tokenizer from a `.nemo` file, a Serinus model folder, a folder with `tokenizer.model`
+    (unified), or a folder with `spl_tokens/` and one sub-folder per language (aggregate)."""
+    import json
+    import tempfile
+
+    p = Path(path)
+    if p.is_file() and p.suffix == ".nemo":
+        import yaml
+
+        from serinus.weights import extract_nemo
+
+        with tempfile.TemporaryDirectory(prefix="serinus-tok-") as tmp:
+            root = extract_nemo(p, tmp)
+            cfg = yaml.safe_load((root / "model_config.yaml").read_text())
+            return load_tokenizer(cfg["tokenizer"], nemo_resolver(root))  # models are read into memory
+    if not p.is_dir():
+        raise ValueError(f"{p}: no such tokenizer file or folder")
+    if (p / "config.json").is_file():
+        cfg = json.loads((p / "config.json").read_text())
+        return load_tokenizer(cfg["tokenizer"], lambda q: p / "tokenizer" / q)
+    if (p / "tokenizer.model").is_file():
+        return UnifiedTokenizer(p / "tokenizer.model")
+    if (p / "spl_tokens").is_dir():
+        models = {"spl_tokens": tokenizer_model_in(p / "spl_tokens")}
+        for d in sorted(x for x in p.iterdir() if x.is_dir() and x.name != "spl_tokens"):
+            if (m := tokenizer_model_in(d)) is not None:
+                models[d.name] = m
+        if models["spl_tokens"] is not None and len(models) > 1:
+            return CanaryTokenizer(models)  # language order: sorted (ids differ from a model's, lengths do not)
+    raise ValueError(f"{p}: no tokenizer found (expected a .nemo, tokenizer.model, or spl_tokens/ + language folders)")

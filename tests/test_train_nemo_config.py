@@ -11,6 +11,7 @@ import yaml
 
 from conftest import DATA, FIXTURES
 from serinus import train as T
+from serinus.tokenizer import langs_tokenizer
 from serinus.train import nemo_config as N
 from serinus.train.init import nemo_names, nemo_selected
 
@@ -222,16 +223,16 @@ def test_nemo_names_invert_the_checkpoint_renames(tmp_path):
 def test_tokenizer_langs_keeps_the_config_order(tok):
     """NeMo's aggregate tokenizer numbers spl_tokens, then the languages in the config's order."""
     spl, de, en = str(tok["spl_tokens"]), str(tok["de"]), str(tok["en"])
-    de_first = N.langs_tokenizer({"spl_tokens": spl, "de": de, "en": en})
-    en_first = N.langs_tokenizer({"spl_tokens": spl, "en": en, "de": de})
+    de_first = langs_tokenizer({"spl_tokens": spl, "de": de, "en": en})
+    en_first = langs_tokenizer({"spl_tokens": spl, "en": en, "de": de})
     assert de_first.langs == ("de", "en") and en_first.langs == ("en", "de")
     n_spl, n_en = de_first.sub_vocab_sizes["spl_tokens"], de_first.sub_vocab_sizes["en"]
     assert de_first.token_id_offset["de"] == en_first.token_id_offset["en"] == n_spl
     assert en_first.text_to_ids("Hallo", "de") == [i + n_en for i in de_first.text_to_ids("Hallo", "de")]
     cfg = {"tokenizer": {"langs": {"spl_tokens": spl, "de": de, "en": en}}}
     assert T.build_tokenizer(cfg).langs == ("de", "en")  # the schema key, as the training loop reads it
-    with pytest.raises(T.ConfigError, match="holds no tokenizer.model"):
-        N.langs_tokenizer({"spl_tokens": str(tok["spl_tokens"]), "en": "/nonexistent"})
+    with pytest.raises(ValueError, match="holds no tokenizer.model"):
+        langs_tokenizer({"spl_tokens": str(tok["spl_tokens"]), "en": "/nonexistent"})
 
 
 def test_accumulate_grad_batches_averages_the_batch_losses(tok, tmp_path):

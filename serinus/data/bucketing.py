@@ -452,47 +452,6 @@ def padding_ratio(batches: Iterable) -> PaddingStats:
 # Tokenizer lookup for the CLI
 
 
-def open_tokenizer(path: str):
-    """A tokenizer from a `.nemo` file, a Serinus model folder, a folder with `tokenizer.model`
-    (unified), or a folder with `spl_tokens/` and one sub-folder per language (aggregate)."""
-    import json
-    import tempfile
-    from pathlib import Path
-
-    from serinus.tokenizer import CanaryTokenizer, UnifiedTokenizer, load_tokenizer, nemo_resolver
-
-    p = Path(path)
-    if p.is_file() and p.suffix == ".nemo":
-        import yaml
-
-        from serinus.weights import extract_nemo
-
-        with tempfile.TemporaryDirectory(prefix="serinus-tok-") as tmp:
-            root = extract_nemo(p, tmp)
-            cfg = yaml.safe_load((root / "model_config.yaml").read_text())
-            return load_tokenizer(cfg["tokenizer"], nemo_resolver(root))  # models are read into memory
-    if not p.is_dir():
-        raise ValueError(f"{p}: no such tokenizer file or folder")
-    if (p / "config.json").is_file():
-        cfg = json.loads((p / "config.json").read_text())
-        return load_tokenizer(cfg["tokenizer"], lambda q: p / "tokenizer" / q)
-    if (p / "tokenizer.model").is_file():
-        return UnifiedTokenizer(p / "tokenizer.model")
-
-    def model_in(d: Path) -> Path | None:
-        found = sorted(d.glob("tokenizer.model")) or sorted(d.glob("*/tokenizer.model"))
-        return found[0] if len(found) == 1 else None
-
-    if (p / "spl_tokens").is_dir():
-        models = {"spl_tokens": model_in(p / "spl_tokens")}
-        for d in sorted(x for x in p.iterdir() if x.is_dir() and x.name != "spl_tokens"):
-            if (m := model_in(d)) is not None:
-                models[d.name] = m
-        if models["spl_tokens"] is not None and len(models) > 1:
-            return CanaryTokenizer(models)  # language order: sorted (ids differ from a model's, lengths do not)
-    raise ValueError(f"{p}: no tokenizer found (expected a .nemo, tokenizer.model, or spl_tokens/ + language folders)")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="serinus buckets", description="2-D (duration x tokens) bucketing.")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -514,6 +473,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--seed", type=int, default=0, help="seed of the shuffled baseline batches")
     args = parser.parse_args(argv)
     try:
+        from serinus.tokenizer import open_tokenizer
+
         tokenizer = open_tokenizer(args.tokenizer)
         cuts = attach_num_tokens(_as_cuts(args.manifests), tokenizer, args.prompt_format).to_eager()
         est = estimate_bins_2d(

@@ -85,12 +85,10 @@ def setup_runtime(tr: dict) -> Runtime:
 
 
 def build_tokenizer(cfg: dict, rt: Runtime | None = None):
-    from serinus.data.bucketing import open_tokenizer
+    from serinus.tokenizer import langs_tokenizer, open_tokenizer
 
     tok = cfg["tokenizer"]
     if tok.get("langs"):  # NeMo's aggregate tokenizer, in the config's order (ids follow it)
-        from serinus.train.nemo_config import langs_tokenizer
-
         return langs_tokenizer(tok["langs"])
     if not tok["dir"] and tok.get("vocab_size") and not tok["from_checkpoint"]:
         # built into the run folder, also when init_from only gives weights (e.g. a CTC model's encoder)

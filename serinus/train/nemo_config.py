@@ -29,6 +29,7 @@ import re
 import warnings
 from pathlib import Path
 
+from serinus.tokenizer import tokenizer_model_in
 from serinus.train.config import DEFAULTS, ConfigError, _check_keys, _check_values, _unknown, precision_name
 from serinus.train.nemo_keys import DECODER_READ, ENCODER_READ, EXP_MANAGER, KNOWN, LIGHTNING_TRAINER, MISSING, MOOT, PREPROCESSOR_READ, SAME, SPEC_AUGMENT_READ, TOP_LEVEL
 
@@ -341,7 +342,7 @@ def _tokenizer(src: _Source, out: dict) -> None:
                                   "model.tokenizer.langs.spl_tokens.dir)")
         elif folder is None:
             src.get(f"{key}.dir", required=True)
-        if _model_file(folder) is None:
+        if tokenizer_model_in(folder) is None:
             hint = f"; build it with `serinus tokenizer special {folder}`" if lang == "spl_tokens" else ""
             raise ConfigError(f"{'spl_tokens.model_dir' if lang == 'spl_tokens' and spl else key + '.dir'}="
                               f"{folder} holds no tokenizer.model{hint}")
@@ -599,33 +600,4 @@ def _init_from(src: _Source) -> dict | None:
     return {"path": str(where), "include": include, "exclude": exclude, "match": "nemo_substring"}
 
 
-# ---------------------------------------------------------------------------------------------
-# what the translated config needs at run time: the ordered tokenizer
-
-
-def _model_file(folder) -> Path | None:
-    """<folder>/tokenizer.model (NeMo's layout), or the one in its only sub-folder that has one (what
-    `serinus tokenizer train` writes: <folder>/tokenizer_spe_bpe_v<N>/)."""
-    p = Path(folder)
-    if (p / "tokenizer.model").is_file():
-        return p / "tokenizer.model"
-    found = sorted(p.glob("*/tokenizer.model"))
-    return found[0] if len(found) == 1 else None
-
-
-def langs_tokenizer(langs: dict):
-    """NeMo's aggregate tokenizer from `tokenizer.langs` ({name: folder}), ids in the given order."""
-    from serinus.tokenizer import CanaryTokenizer
-
-    models = {}
-    for lang, folder in langs.items():
-        if (found := _model_file(folder)) is None:
-            raise ConfigError(f"tokenizer.langs.{lang}: {folder} holds no tokenizer.model (nor one sub-folder with it)")
-        models[str(lang)] = found
-    if "spl_tokens" not in models:
-        raise ConfigError("tokenizer.langs needs a spl_tokens entry (the special-token model)")
-    return CanaryTokenizer(models)
-
-
-__all__ = ["is_nemo_config", "is_nemo_config_file", "load_nemo_config", "apply_overrides", "translate",
-           "langs_tokenizer"]
+__all__ = ["is_nemo_config", "is_nemo_config_file", "load_nemo_config", "apply_overrides", "translate"]
