@@ -231,8 +231,8 @@ def test_tokenizer_langs_keeps_the_config_order(tok):
     assert en_first.text_to_ids("Hallo", "de") == [i + n_en for i in de_first.text_to_ids("Hallo", "de")]
     cfg = {"tokenizer": {"langs": {"spl_tokens": spl, "de": de, "en": en}}}
     assert T.build_tokenizer(cfg).langs == ("de", "en")  # the schema key, as the training loop reads it
-    with pytest.raises(ValueError, match="holds no tokenizer.model"):
-        langs_tokenizer({"spl_tokens": str(tok["spl_tokens"]), "en": "/nonexistent"})
+    with pytest.raises(T.ConfigError, match="holds no tokenizer.model"):
+        T.build_tokenizer({"tokenizer": {"langs": {"spl_tokens": str(tok["spl_tokens"]), "en": "/nonexistent"}}})
 
 
 def test_accumulate_grad_batches_averages_the_batch_losses(tok, tmp_path):

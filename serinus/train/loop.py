@@ -89,7 +89,10 @@ def build_tokenizer(cfg: dict, rt: Runtime | None = None):
 
     tok = cfg["tokenizer"]
     if tok.get("langs"):  # NeMo's aggregate tokenizer, in the config's order (ids follow it)
-        return langs_tokenizer(tok["langs"])
+        try:
+            return langs_tokenizer(tok["langs"])
+        except ValueError as e:  # a folder the config names: a config error (exit code 2), as before
+            raise ConfigError(str(e)) from None
     if not tok["dir"] and tok.get("vocab_size") and not tok["from_checkpoint"]:
         # built into the run folder, also when init_from only gives weights (e.g. a CTC model's encoder)
         tok["dir"] = str(Path(cfg["trainer"]["out_dir"]) / "tokenizer")

@@ -11,7 +11,6 @@ import torch
 from serinus.train.config import ConfigError
 
 
-
 def lr_at(step: int, lr: float, warmup_steps: int, max_steps: int | None = None, min_lr: float = 0.0) -> float:
     """NeMo's InverseSquareRootAnnealing (a WarmupPolicy): linear warm-up (step + 1) / (warmup + 1) up to and
     including step `warmup_steps`, then lr * sqrt((warmup + 1) / (step + 1)); min_lr only past max_steps
