@@ -20,6 +20,10 @@ from serinus.model.decoder import KVCache, TransformerDecoder, cross_attention_m
 @dataclass
 class DecodingConfig:
     beam_size: int = 1  # 1 = greedy
+    # NeMo's decoding.strategy. "beam" (even of size 1, NeMo's default) may write one token past the
+    # length limit, as NeMo's beam search does: its first token comes from the prompt's pass, then it
+    # takes `limit` more steps; greedy stops at `limit` tokens
+    strategy: str = "greedy"
     length_penalty: float = 0.0
     max_generation_delta: int = -1  # < 0: no limit but the decoder's max_sequence_length
     return_nbest: bool = False
@@ -38,6 +42,7 @@ class DecodingConfig:
             beam = cfg.get("beam") or {}
             return cls(
                 beam_size=int(beam.get("beam_size", 1)),
+                strategy="beam",
                 length_penalty=float(beam.get("length_penalty", 0.0) or 0.0),
                 max_generation_delta=int(beam.get("max_generation_delta", 50)),
             )
@@ -62,11 +67,13 @@ class Hypothesis:
 
 
 def max_new_tokens(encoder_lengths: Tensor, prompt_len: int, cfg: DecodingConfig, max_seq_len: int) -> list[int]:
-    """NeMo's limit: min(max_seq_len, enc_len + delta) when delta >= 0, else max_seq_len; minus the prompt."""
+    """NeMo's limit: min(max_seq_len, enc_len + delta) when delta >= 0, else max_seq_len; minus the prompt;
+    plus one for a beam search (`DecodingConfig.strategy`; the last token needs no decoder position)."""
+    extra = 1 if cfg.strategy == "beam" or cfg.beam_size > 1 else 0
     limits = []
     for enc_len in encoder_lengths.tolist():
         total = min(max_seq_len, enc_len + cfg.max_generation_delta) if cfg.max_generation_delta >= 0 else max_seq_len
-        limits.append(max(total - prompt_len, 0))
+        limits.append(max(total - prompt_len, 0) + extra)
     return limits
 
 

@@ -116,10 +116,12 @@ def canary_config(model, tokenizer_section: dict) -> dict:
             "num_classes": dec.vocab_size, "dropout": 0.0, "use_transformer_init": True,
         },
         "decoding": {
-            "strategy": "beam", "return_best_hypothesis": True,
+            "strategy": "beam" if cfg.decoding.strategy == "beam" or cfg.decoding.beam_size > 1 else "greedy",
+            "return_best_hypothesis": True,
             "beam": {"beam_size": cfg.decoding.beam_size, "len_pen": cfg.decoding.length_penalty,
                      "length_penalty": cfg.decoding.length_penalty,
                      "max_generation_delta": cfg.decoding.max_generation_delta},
+            "greedy": {"max_generation_delta": cfg.decoding.max_generation_delta},
         },
         "loss": {"_target_": "nemo.collections.common.losses.smoothed_cross_entropy.SmoothedCrossEntropyLoss",
                  "label_smoothing": cfg.label_smoothing, "pad_id": model.tokenizer.pad_id},

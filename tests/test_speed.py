@@ -162,6 +162,48 @@ def test_greedy_generates_up_to_the_limit(model):
     assert len(ids) == 7
 
 
+def test_a_beam_search_writes_one_token_past_the_limit_as_nemo_does(model):
+    """NeMo's beam search (any beam size, and its default `strategy: beam` with beam_size 1) takes its
+    first token from the prompt's pass and then `limit` more steps, so an item that never writes EOS
+    gets limit + 1 tokens where greedy decoding stops at `limit` (checked against NeMo 3.0.0 by
+    tools/nemo_variants_check.py)."""
+    import copy
+
+    from serinus.decoding import max_new_tokens
+
+    looping = CanaryModel.from_pretrained(FIXTURES / "tiny_canary2.nemo")
+    with torch.no_grad():
+        looping.decoder.head_bias[model.tokenizer.eos_id] = -1e4  # never ends: every item runs to its limit
+    clip = CLIPS[0]
+    n = torch.tensor([len(load_audio(clip))])
+    greedy_cfg = copy.deepcopy(model.cfg.decoding)
+    greedy_cfg.strategy, greedy_cfg.beam_size, greedy_cfg.max_generation_delta = "greedy", 1, 3
+    prompt_len = 9  # canary2, aggregate tokenizer, no context
+    limit = max_new_tokens(looping.limit_lengths(n), prompt_len, greedy_cfg, looping.cfg.decoder.max_sequence_length)[0]
+    greedy = looping.transcribe([clip], beam_size=1, max_generation_delta=3)[0].y_sequence
+    beam = looping.transcribe([clip], beam_size=2, max_generation_delta=3)[0].y_sequence
+    assert len(greedy) == limit and len(beam) == limit + 1
+    assert looping.cfg.decoding.strategy == "beam" and looping.cfg.decoding.beam_size == 1  # NeMo's yaml default
+    default = looping.transcribe([clip], max_generation_delta=3)[0].y_sequence  # beam of size 1: greedy's tokens
+    assert default[:limit] == greedy and len(default) == limit + 1
+
+
+def test_pad_to_does_not_change_the_length_limit(model):
+    """NeMo's transcribe() sets the preprocessor's pad_to to 0 (as it does dither), so padding the
+    features to a multiple of 16 frames must not lengthen the limit (checked against NeMo 3.0.0)."""
+    import dataclasses
+
+    padded = Model(dataclasses.replace(model.cfg, features=dataclasses.replace(model.cfg.features, pad_to=16)),
+                   model.tokenizer).eval()
+    padded.load_state_dict(model.state_dict())
+    for clip in CLIPS[:3]:
+        n = torch.tensor([len(load_audio(clip))])
+        with torch.inference_mode():
+            features, _ = padded.preprocessor(torch.zeros(1, int(n)), n)
+        assert features.shape[-1] % 16 == 0
+        assert padded.limit_lengths(n).tolist() == model.limit_lengths(n).tolist()
+
+
 def test_an_int8_model_is_not_saved(tmp_path):
     from serinus.checkpoint import CheckpointError
 

@@ -102,7 +102,7 @@ def preset_config(name: str, vocab_size: int) -> CanaryConfig:
         decoder=DecoderConfig(vocab_size=padded_vocab(vocab_size), hidden_size=p["hidden"], inner_size=4 * p["hidden"],
                               num_layers=p["dec_layers"], num_attention_heads=8, max_sequence_length=p["max_len"]),
         prompt_format=p["prompt_format"],
-        decoding=DecodingConfig(beam_size=1, max_generation_delta=50),
+        decoding=DecodingConfig(beam_size=1, strategy="beam", max_generation_delta=50),
     )
 
 
@@ -142,11 +142,10 @@ class CanaryModel(nn.Module):
         """The encoder length NeMo's generation limit counts, for each item decoded alone: the length
         of NeMo's encoder output tensor, not of its valid part. The centred STFT gives one frame more
         than the valid frames, so this is at times one more than `encode`'s lengths (963 vs 962 for a
-        77 s clip: Serinus's own output stops at the valid frames), and NeMo allows one more token there."""
+        77 s clip: Serinus's own output stops at the valid frames), and NeMo allows one more token there.
+        The preprocessor's `pad_to` does not count: NeMo's transcribe() sets it to 0 (as it does dither)."""
         cfg = self.cfg.features
         frames = feature_lengths(audio_lengths, cfg.n_fft, cfg.hop_length) + 1
-        if cfg.pad_to > 0:
-            frames = (frames + cfg.pad_to - 1) // cfg.pad_to * cfg.pad_to
         return calc_subsampled_length(frames, self.encoder.pre_encode.num_stages)
 
     def encode_raw(self, audio: Tensor, audio_lengths: Tensor) -> tuple[Tensor, Tensor]:

@@ -93,6 +93,7 @@ def resolve_options(model, items: list[Item], *, batch_size: int, timestamps: bo
         if beam_size < 1:
             raise ValueError(f"beam_size must be >= 1, got {beam_size}")
         decoding.beam_size = beam_size
+        decoding.strategy = "beam" if beam_size > 1 else "greedy"  # beam_size=1 asks for greedy decoding
     if length_penalty is not None:
         decoding.length_penalty = float(length_penalty)
     if max_generation_delta is not None:

@@ -97,7 +97,7 @@ class AEDTask:
             base = preset_config(m["preset"], tokenizer.vocab_size)
         else:
             base = CanaryConfig(FeatureConfig(), EncoderConfig(), DecoderConfig(vocab_size=vocab),
-                                decoding=DecodingConfig(beam_size=1, max_generation_delta=50))
+                                decoding=DecodingConfig(beam_size=1, strategy="beam", max_generation_delta=50))
         if "vocab_size" in m["decoder"]:
             raise ConfigError("model.decoder.vocab_size comes from the tokenizer; do not set it")
         parts = {k: dataclasses.replace(getattr(base, k), **m[k]) for k in MODEL_DATACLASSES}
