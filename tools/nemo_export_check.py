@@ -45,7 +45,9 @@ print("RESULT " + json.dumps(results))
 def serinus_ids(model, manifest: str) -> list[list[int]]:
     # NeMo chunks long audio only for canary-1b-v2-style models (those with a packed CTC aligner) and
     # decodes it whole otherwise; Serinus (which chunks by default) is made to do the same work.
-    hyps = model.transcribe(manifest, batch_size=1, beam_size=1, enable_chunking=model.aligner is not None)
+    # the NeMo side's decoding: a beam of size 1 (which may write one token past the length limit)
+    model.cfg.decoding.strategy, model.cfg.decoding.beam_size = "beam", 1
+    hyps = model.transcribe(manifest, batch_size=1, enable_chunking=model.aligner is not None)
     return [list(h.y_sequence) for h in hyps]
 
 
