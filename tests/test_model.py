@@ -267,3 +267,20 @@ def test_cross_attention_without_padding_needs_no_mask():
         zeros = additive_mask(torch.ones(2, 1, 1, 7, dtype=torch.bool), states.dtype)
         out = [decoder.step(tokens, 0, kv, mask, decoder.new_caches(8), every_position=True) for mask in (None, zeros)]
     assert torch.equal(out[0], out[1])
+
+
+def test_a_padded_batch_runs_under_bf16_autocast_without_autograd():
+    """A bf16-mixed training run validates under autocast with autograd off: the encoder's inference
+    path (position bias written in place) must take bf16 products; results stay near float32's."""
+    model = CanaryModel.from_pretrained(FIXTURES / "tiny_canary2.nemo", for_training=True).eval()
+    ref = np.load(REFERENCE / "tiny_canary2" / "teacher_forced.npz")
+    audio, audio_lens = torch.from_numpy(ref["audio"]), torch.from_numpy(ref["audio_lens"])
+    assert len(set(audio_lens.tolist())) > 1  # padded
+    tokens = torch.from_numpy(ref["decoder_input_ids"])
+    token_lens = torch.from_numpy(ref["prompted_transcript_lens"]) - 1
+    with torch.no_grad():
+        full = model(audio, audio_lens, tokens, token_lens)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = model(audio, audio_lens, tokens, token_lens)
+    for i, n in enumerate(token_lens.tolist()):
+        assert (mixed[i, :n].float().argmax(-1) == full[i, :n].argmax(-1)).float().mean() > 0.9

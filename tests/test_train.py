@@ -183,3 +183,16 @@ def test_speed_perturbation_adds_each_utterance_at_each_speed():
 
     ratio = crossings(audio[0, : lens[0]]) / crossings(audio[n, : lens[n]])
     assert 0.8 < ratio < 0.97, ratio  # 0.9x speed: every frequency 0.9x
+
+
+def test_transcripts_longer_than_the_decoder_are_left_out_with_a_warning(tokenizer_dir, tmp_path, capsys):
+    """A decoder of 20 positions cannot be teacher-forced on longer prompt + transcript: those training
+    lines are left out (said, with the longest), validation still decodes them but leaves them out of
+    its loss, and the run completes."""
+    cfg = tiny_config(tokenizer_dir, tmp_path, "trainer.max_steps=2", "trainer.checkpoint_every=0",
+                      "model.decoder.max_sequence_length=20")
+    hist = T.train(cfg)
+    err = capsys.readouterr().err
+    assert "warning: train_ds:" in err and "left out of training" in err and "max_sequence_length 20" in err
+    assert "warning: validation_ds:" in err and "left out of the validation loss" in err
+    assert len(hist["losses"]) == 2 and hist["val"][-1]["step"] == 2

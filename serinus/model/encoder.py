@@ -264,8 +264,8 @@ class RelPositionMultiHeadAttention(nn.Module):
                 scores = torch.matmul(q_v[h0:h1], p[h0:h1].transpose(1, 2)).view(h1 - h0, b, t, -1)
                 if mask is None:
                     bias.transpose(0, 1).copy_(rel_shift(scores))
-                else:
-                    torch.where(mask[:, 0], rel_shift(scores), masked, out=bias.transpose(0, 1))
+                else:  # (under autocast, e.g. a bf16-mixed run's validation, the product is bf16: cast)
+                    torch.where(mask[:, 0], rel_shift(scores).to(bias.dtype), masked, out=bias.transpose(0, 1))
                 outs.append(F.scaled_dot_product_attention(q_u[:, h0:h1], k[:, h0:h1], val[:, h0:h1], attn_mask=bias,
                                                            scale=scale))
             out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # [B, H, T, d]

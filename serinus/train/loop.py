@@ -54,6 +54,10 @@ class Runtime:
         if self.rank == 0:
             print(line, flush=True)
 
+    def warn(self, line: str) -> None:
+        if self.rank == 0:
+            print(f"serinus train: warning: {line}", file=sys.stderr, flush=True)
+
 
 def setup_runtime(tr: dict) -> Runtime:
     import torch.distributed as dist
@@ -223,6 +227,20 @@ def load_cuts(ds: dict, tokenizer=None, prompt_format: str = "canary2"):
         cuts = CutSet.from_cuts(list(attach_num_tokens(cuts, tokenizer, prompt_format,
                                                        allow_unk=bool(ds.get("allow_unk", False)))))
     return cuts
+
+
+def too_long(cuts, positions: int | None) -> list:
+    """The cuts whose decoder input (prompt + transcript: `num_tokens` less the EOS) has more tokens than the
+    decoder has positions; none where there is no decoder (a CTC model)."""
+    if positions is None:
+        return []
+    return [c for c in cuts if c.custom["num_tokens"] - 1 > positions]
+
+
+def describe_too_long(long: list, positions: int) -> str:
+    worst = max(long, key=lambda c: c.custom["num_tokens"])
+    return (f"{len(long)} utterance(s) have a prompt + transcript longer than the decoder's max_sequence_length "
+            f"{positions} (the longest: {worst.id}, {worst.custom['num_tokens'] - 1} tokens)")
 
 
 def speed_factors(value) -> tuple[float, ...]:
@@ -400,9 +418,20 @@ def train(cfg: dict) -> dict:
     speeds = speed_factors(cfg["train_ds"]["perturb_speed"])
     train_cuts = perturb_speed(load_cuts(cfg["train_ds"]), speeds)
     train_cuts = task.attach_num_tokens(train_cuts, model, bool(cfg["train_ds"]["allow_unk"]))
+    positions = getattr(getattr(model.cfg, "decoder", None), "max_sequence_length", None)  # AED models
+    long = too_long(train_cuts, positions)
+    if long:
+        train_cuts = train_cuts.filter(lambda c: c.custom["num_tokens"] - 1 <= positions)
+        rt.warn(f"train_ds: {describe_too_long(long, positions)}; left out of training")
     task.train_texts = {" ".join(s.text for s in c.supervisions) for c in train_cuts}
     sampler = build_sampler(cfg["train_ds"], train_cuts, int(tr["seed"]), rt.world_size, rt.rank)
-    val_cuts = list(load_cuts(cfg["validation_ds"])) if cfg["validation_ds"]["manifest_filepath"] else None
+    val_cuts = None
+    if cfg["validation_ds"]["manifest_filepath"]:  # a reference may hold an unseen character
+        val_cuts = list(task.attach_num_tokens(load_cuts(cfg["validation_ds"]), model, allow_unk=True))
+        long = too_long(val_cuts, positions)
+        if long:
+            rt.warn(f"validation_ds: {describe_too_long(long, positions)}; decoded for WER/BLEU, left out of the "
+                    "validation loss")
     val_dataset = task.dataset(model, allow_unk=True)  # a reference may hold an unseen character
     hours = sum(c.duration for c in train_cuts) / 3600
     rt.log(f"data: {len(train_cuts)} training utterances ({hours:.2f} h"

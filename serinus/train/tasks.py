@@ -164,8 +164,12 @@ class AEDTask:
         model.eval()
         bs = int(self.cfg["validation_ds"]["batch_size"])
         total, parts_total, n = 0.0, {}, 0
-        for i in range(0, len(cuts), bs):
-            batch = dataset[cuts[i : i + bs]]
+        # teacher forcing needs the whole prompt + transcript in the decoder's positions (the loop warned
+        # about the others, which are still decoded below)
+        positions = getattr(model, "module", model).cfg.decoder.max_sequence_length  # DDP wraps the model
+        scored = [c for c in cuts if (c.custom or {}).get("num_tokens", 0) - 1 <= positions]
+        for i in range(0, len(scored), bs):
+            batch = dataset[scored[i : i + bs]]
             loss, parts = self.loss(model, batch, device, autocast_dtype)
             total, n = total + float(loss) * len(batch.cuts), n + len(batch.cuts)
             for k, v in parts.items():
