@@ -17,6 +17,7 @@ transcribed all the same. `serinus transcribe` (serinus.cli) is the command line
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Iterator
 
 from serinus.audio import SAMPLE_RATE
@@ -117,4 +118,6 @@ def run(model, items: list[Item], options: Options, bar: Progress | None = None)
                 bar.audio_done((piece.end - piece.start) / SAMPLE_RATE)
             whole = hours.add(piece, transcript)
             if whole is not None:
+                if options.strip_text:
+                    whole = dataclasses.replace(whole, text=whole.text.strip())
                 yield piece.item, to_hypothesis(whole, keep)

@@ -46,8 +46,15 @@ def test_pack_aligner_cli_round_trip(ctc_dir, tmp_path, capsys):
     # tiny_canary2 transcribes en_01 exactly, so the times are NeMo's alignment of the ground truth
     cases = json.loads((REFERENCE / "tiny_canary2_v2style" / "alignment_gt.json").read_text())["cases"]
     (gt,) = [c for c in cases if c["name"] == "en_01" and c["timestamp_type"] == ["word", "segment"]]
-    assert hyp.text.strip() == gt["text"]
+    assert hyp.text == gt["text"]
     assert {k: hyp.timestamp[k] for k in ("word", "segment")} == gt["timestamp"]
+    # NeMo 3.0.0 (checked on such an export) chunks a checkpoint with an aligner when it gets one input or
+    # batch_size 1 and then strips the texts, so the aggregate tokenizer's leading space goes; several
+    # inputs at batch_size 2 keep it, as without an aligner
+    two = [str(AUDIO / "en_01.wav"), str(AUDIO / "en_02.wav")]
+    assert [h.text for h in packed.transcribe(two, batch_size=1)] == [h.text.strip() for h in plain.transcribe(two)]
+    assert [h.text for h in packed.transcribe(two, batch_size=2)] == [h.text for h in plain.transcribe(two)]
+    assert plain.transcribe(two)[0].text.startswith(" ")
 
 
 def test_pack_aligner_api_checks_the_vocabulary(ctc_dir):

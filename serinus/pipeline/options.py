@@ -63,6 +63,9 @@ class Options:
     chunking: bool  # long audio in 30-40 s chunks, hour segments
     chunk_merge: str  # "nemo" or "overlap"
     progress: bool
+    # NeMo's transcribe() chunks where a checkpoint has a CTC aligner and it gets one input or batch_size 1,
+    # and then strips every result's text (merge_all_hypotheses): the aggregate tokenizer's leading space goes
+    strip_text: bool = False
 
 
 def supports_frame_tokens(model) -> bool:
@@ -113,7 +116,8 @@ def resolve_options(model, items: list[Item], *, batch_size: int, timestamps: bo
     _check_slots(model, given)
     if chunk_merge == "auto":
         chunk_merge = "nemo" if model.aligner is not None else "overlap"
-    return Options(batch_size, decoding, given, mode, enable_chunking, chunk_merge, progress)
+    strip_text = enable_chunking and model.aligner is not None and (len(items) == 1 or batch_size == 1)
+    return Options(batch_size, decoding, given, mode, enable_chunking, chunk_merge, progress, strip_text)
 
 
 def slots_for(model, entry: dict, overrides: dict) -> dict:
