@@ -71,6 +71,13 @@ VARIANTS = [
         "transf_decoder.config_dict.max_sequence_length": 40},
      "transcribe": [{"kwargs": ASR_EN, "decoding": {**GREEDY, "max_generation_delta": -1}},
                     {"kwargs": ASR_EN, "decoding": {**BEAM, "length_penalty": 1.0, "max_generation_delta": -1}}]},
+    # no pre-emphasis, a position table shorter than the clips (NeMo extends it), a narrow conv kernel
+    {"name": "nopreemph_short_posemb_k3", "overrides": {
+        "prompt_format": "canary2", "model_defaults.asr_enc_hidden": 128, "model_defaults.lm_dec_hidden": 128,
+        "encoder.n_layers": 2, "encoder.n_heads": 4, "encoder.pos_emb_max_len": 16, "encoder.conv_kernel_size": 3,
+        "preprocessor.preemph": None, "transf_decoder.config_dict.num_layers": 1},
+     "transcribe": [{"kwargs": ASR_EN, "decoding": GREEDY},
+                    {"kwargs": {"source_lang": "en", "target_lang": "es", "pnc": "no"}, "decoding": BEAM}]},
 ]
 CLIPS = ["en_01.wav", "de_01.wav", "en_short.wav"]
 
