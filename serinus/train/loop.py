@@ -31,7 +31,7 @@ from serinus.model.canary import CanaryConfig
 from serinus.train.config import ConfigError, parse_max_time
 from serinus.train.monitor import Monitor, padding_ratios
 from serinus.train.optim import build_optimizer
-from serinus.train.tasks import make_task
+from serinus.train.tasks import fits_decoder, make_task
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,14 +229,6 @@ def load_cuts(ds: dict, tokenizer=None, prompt_format: str = "canary2"):
     return cuts
 
 
-def too_long(cuts, positions: int | None) -> list:
-    """The cuts whose decoder input (prompt + transcript: `num_tokens` less the EOS) has more tokens than the
-    decoder has positions; none where there is no decoder (a CTC model)."""
-    if positions is None:
-        return []
-    return [c for c in cuts if c.custom["num_tokens"] - 1 > positions]
-
-
 def describe_too_long(long: list, positions: int) -> str:
     worst = max(long, key=lambda c: c.custom["num_tokens"])
     return (f"{len(long)} utterance(s) have a prompt + transcript longer than the decoder's max_sequence_length "
@@ -419,16 +411,16 @@ def train(cfg: dict) -> dict:
     train_cuts = perturb_speed(load_cuts(cfg["train_ds"]), speeds)
     train_cuts = task.attach_num_tokens(train_cuts, model, bool(cfg["train_ds"]["allow_unk"]))
     positions = getattr(getattr(model.cfg, "decoder", None), "max_sequence_length", None)  # AED models
-    long = too_long(train_cuts, positions)
+    long = [c for c in train_cuts if not fits_decoder(c, positions)]
     if long:
-        train_cuts = train_cuts.filter(lambda c: c.custom["num_tokens"] - 1 <= positions)
+        train_cuts = train_cuts.filter(lambda c: fits_decoder(c, positions))
         rt.warn(f"train_ds: {describe_too_long(long, positions)}; left out of training")
     task.train_texts = {" ".join(s.text for s in c.supervisions) for c in train_cuts}
     sampler = build_sampler(cfg["train_ds"], train_cuts, int(tr["seed"]), rt.world_size, rt.rank)
     val_cuts = None
-    if cfg["validation_ds"]["manifest_filepath"]:  # a reference may hold an unseen character
+    if cfg["validation_ds"]["manifest_filepath"]:
         val_cuts = list(task.attach_num_tokens(load_cuts(cfg["validation_ds"]), model, allow_unk=True))
-        long = too_long(val_cuts, positions)
+        long = [c for c in val_cuts if not fits_decoder(c, positions)]
         if long:
             rt.warn(f"validation_ds: {describe_too_long(long, positions)}; decoded for WER/BLEU, left out of the "
                     "validation loss")

@@ -67,6 +67,12 @@ def _wer_metrics(refs: dict, hyps: dict, unseen: dict) -> dict:
     return out
 
 
+def fits_decoder(cut, positions: int | None) -> bool:
+    """Whether a cut's decoder input (prompt + transcript: its `num_tokens` less the EOS) fits in the decoder's
+    `positions`; any cut does where there is no decoder (None: a CTC model)."""
+    return positions is None or cut.custom["num_tokens"] - 1 <= positions
+
+
 class AEDTask:
     """Canary: FastConformer encoder + Transformer decoder over prompt + answer, plus an optional
     CTC head on the encoder (joint CTC/attention training, `model.ctc_weight`)."""
@@ -167,7 +173,7 @@ class AEDTask:
         # teacher forcing needs the whole prompt + transcript in the decoder's positions (the loop warned
         # about the others, which are still decoded below)
         positions = getattr(model, "module", model).cfg.decoder.max_sequence_length  # DDP wraps the model
-        scored = [c for c in cuts if (c.custom or {}).get("num_tokens", 0) - 1 <= positions]
+        scored = [c for c in cuts if fits_decoder(c, positions)]
         for i in range(0, len(scored), bs):
             batch = dataset[scored[i : i + bs]]
             loss, parts = self.loss(model, batch, device, autocast_dtype)
