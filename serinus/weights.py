@@ -242,6 +242,15 @@ def real(value):
     return value.load() if isinstance(value, LazyTensor) else value
 
 
+def as_built(value):
+    """A weight as a model is built to take it: read (a LazyTensor), and in float32 where a checkpoint
+    stored it in another float type (a model saved in bfloat16 or float16); `dtype` is applied after loading."""
+    import torch
+
+    tensor = real(value)
+    return tensor.float() if tensor.is_floating_point() and tensor.dtype != torch.float32 else tensor
+
+
 def read_weights_lazily(fileobj, where: str, source=None) -> dict:
     """A torch zip checkpoint's state dict as {name: LazyTensor}, through torch's weights-only
     unpickler (tensors and plain containers only), with each tensor's bytes left in the file.
@@ -401,7 +410,7 @@ def build_loaded(make, state: dict, where: str, dtype: str = "float32", pack: bo
         _load_streaming(model, state, where,
                         lambda parent, name, module: PackedLinear(module.to(to_dtype)) if type(module) is nn.Linear else None)
     else:
-        load_state(model, {k: real(v) for k, v in state.items()}, where, assign=True)
+        load_state(model, {k: as_built(v) for k, v in state.items()}, where, assign=True)
     del state
     left = [name for name, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
@@ -421,7 +430,7 @@ def _load_streaming(model, state: dict, where: str, convert) -> None:
     for name in [n for n, _ in model.named_modules()]:  # names only: a list of modules would keep
         module = model.get_submodule(name)              # every float32 Linear alive to the end
         prefix = name + "." if name else ""
-        own = {k: real(state[prefix + k]) for k in list(module._parameters) + list(module._buffers)
+        own = {k: as_built(state[prefix + k]) for k in list(module._parameters) + list(module._buffers)
                if prefix + k in state}
         if own:
             module.load_state_dict(own, strict=False, assign=True)

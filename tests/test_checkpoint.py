@@ -156,3 +156,23 @@ def test_shared_position_biases_load_as_nemo_stores_them(tmp_path):
     model.save_pretrained(tmp_path / "saved")
     again = CanaryModel.from_pretrained(tmp_path / "saved")
     assert torch.equal(again.encoder.layers[1].self_attn.pos_bias_u, shared_u)
+
+
+@pytest.mark.parametrize("fmt", ["nemo", "folder"])
+def test_weights_stored_in_bfloat16_load_into_a_float32_model(tmp_path, fmt):
+    """A checkpoint saved in half precision (NeMo: `model.to(torch.bfloat16).save_to(...)`) loads as the
+    asked dtype, every weight converted, and decodes as the float32 model made from the same rounded weights."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        half = CanaryModel.from_pretrained(FIXTURES / "tiny_canary2.nemo", dtype="bfloat16")
+    path = tmp_path / ("m.nemo" if fmt == "nemo" else "m")
+    half.save_nemo(path) if fmt == "nemo" else half.save_pretrained(path)
+    loaded = CanaryModel.from_pretrained(path)
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    clip = [str(AUDIO / "en_01.wav")]
+    (hyp,) = loaded.transcribe(clip)
+    assert hyp.error is None
+    (want,) = CanaryModel.from_pretrained(FIXTURES / "tiny_canary2.nemo").transcribe(clip)
+    assert hyp.y_sequence == want.y_sequence  # bf16-rounded weights: the same tokens on this clip
