@@ -516,19 +516,25 @@ def unknown_characters(text: str, tokenizer) -> list[str]:
 
 
 def align_audio(model, samples: np.ndarray, text: str) -> dict:
-    """Word and segment times of a given transcript in a 16 kHz clip, with the model's CTC aligner.
+    """Word and segment times of a given transcript in a 16 kHz clip, with the model's CTC aligner, or
+    with `model` itself where it is a CTC model (e.g. one trained with `serinus train`, model.type ctc).
 
     Characters the aligner's vocabulary lacks are aligned as <unk> (as NeMo does) and listed
     under "unknown_characters"; "aligned" is False when the text has more tokens than the
     audio has frames (no times can be given then)."""
-    if model.aligner is None:
+    from serinus.model.ctc import CTCModel
+
+    if isinstance(model, CTCModel):
+        aligner, tokenizer = model, model.tokenizer
+    elif model.aligner is None:
         raise ValueError("this checkpoint packs no CTC aligner (only canary-1b-v2-style checkpoints do); "
                          "for flash models use `serinus transcribe --timestamps`")
-    tokenizer = model.aligner_tokenizer or model.tokenizer
+    else:
+        aligner, tokenizer = model.aligner, model.aligner_tokenizer or model.tokenizer
     text = " ".join(text.split())
-    log_probs, lengths = ctc_log_probs(model.aligner, [samples])
-    result = forced_align_batch([text], log_probs, lengths, tokenizer, model.aligner.blank_id,
-                                model.aligner.frame_seconds, ["word", "segment"])[0]
+    log_probs, lengths = ctc_log_probs(aligner, [samples])
+    result = forced_align_batch([text], log_probs, lengths, tokenizer, aligner.blank_id,
+                                aligner.frame_seconds, ["word", "segment"])[0]
     words = result.timestamp.get("word", [])
     return {
         "text": text,
@@ -548,24 +554,26 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="serinus align",
         description="Forced alignment: word and segment times of a known transcript, from the CTC model "
-        "packed in a canary-1b-v2-style checkpoint.",
+        "packed in a canary-1b-v2-style checkpoint, or from a CTC model itself.",
     )
     parser.add_argument("audio", help="audio file (wav, flac, ogg; mp3/m4a/opus need ffmpeg)")
     parser.add_argument("text", help="the transcript, or a path to a UTF-8 text file holding it")
-    parser.add_argument("--model", default="nvidia/canary-1b-v2", help="checkpoint: .nemo, Serinus folder or Hub id")
+    parser.add_argument("--model", default="nvidia/canary-1b-v2",
+                        help="checkpoint: .nemo, Serinus folder or Hub id; a Canary model with a packed aligner, "
+                             "or a CTC model (NeMo EncDecCTCModelBPE, or `serinus train` with model.type ctc)")
     parser.add_argument("--format", choices=["json", "srt", "vtt"], default="json")
     parser.add_argument("--output", help="write here instead of stdout")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
 
     from serinus.audio import AudioError, load_audio
-    from serinus.checkpoint import CheckpointError, load_model
+    from serinus.checkpoint import CheckpointError, load_any
     from serinus.decoding import Hypothesis
     from serinus.output import subtitles
 
     text = Path(args.text).read_text(encoding="utf-8") if Path(args.text).is_file() else args.text
     try:
-        model = load_model(args.model, device=args.device)
+        model = load_any(args.model, device=args.device, for_training=False)
         samples = load_audio(args.audio)
         result = align_audio(model, samples, text)
     except (AudioError, CheckpointError, ValueError) as e:

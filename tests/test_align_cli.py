@@ -58,3 +58,17 @@ def test_checkpoint_without_aligner_is_refused(capsys):
     rc = main([str(AUDIO / "en_01.wav"), "hello", "--model", str(FIXTURES / "tiny_canary2.nemo")])
     assert rc == 2
     assert "packs no CTC aligner" in capsys.readouterr().err
+
+
+def test_a_ctc_model_aligns_on_its_own(tmp_path, capsys):
+    """`serinus align --model CTC_MODEL`: the CTC model a Canary checkpoint packs, saved as a CTC model of its
+    own (what `serinus train` with model.type ctc writes), gives NeMo's times by itself."""
+    from serinus.checkpoint import load_ctc_model, save_ctc_model
+
+    ctc = load_ctc_model(V2)
+    folder = save_ctc_model(ctc, ctc.tokenizer, tmp_path / "ctc")
+    case = _gt_case("en_01")
+    out = tmp_path / "times.json"
+    assert main([str(AUDIO / "en_01.wav"), case["text"], "--model", str(folder), "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["word"] == case["timestamp"]["word"] and result["segment"] == case["timestamp"]["segment"]
