@@ -136,7 +136,10 @@ def ctc_config(ctc_model, tokenizer_section: dict) -> dict:
     vocabulary = [ctc_model.tokenizer.id_to_piece(i) for i in range(cfg.num_classes)]
     return {
         "sample_rate": cfg.features.sample_rate, "log_prediction": True, "ctc_reduction": "mean_volume",
-        "skip_nan_grad": False, "train_ds": None, "validation_ds": None, "test_ds": None,
+        "skip_nan_grad": False, "train_ds": None, "test_ds": None,
+        # no data, but NeMo's transcribe() of a CTC model reads validation_ds.use_start_end_token
+        "validation_ds": {"manifest_filepath": None, "sample_rate": cfg.features.sample_rate, "batch_size": 16,
+                          "shuffle": False, "use_start_end_token": False},
         "tokenizer": tokenizer_section,
         "preprocessor": preprocessor_section(cfg.features),
         "spec_augment": spec_augment_section(cfg.spec_augment),
@@ -245,16 +248,22 @@ def _torch_bytes(state: dict) -> bytes:
 
 
 def save_nemo(model, path: str | os.PathLike) -> Path:
-    """Write `model` (a CanaryModel) as a `.nemo` archive; returns its path. Written to a temporary name,
-    then renamed, so an interrupted export leaves no archive that looks complete."""
+    """Write `model` (a CanaryModel, or a CTCModel as NeMo's EncDecCTCModelBPE) as a `.nemo` archive; returns
+    its path. Written to a temporary name, then renamed, so an interrupted export leaves no archive that
+    looks complete."""
     import yaml
+
+    from serinus.model.ctc import CTCModel
 
     path = Path(path)
     files: dict[str, bytes] = {}
-    config = canary_config(model, tokenizer_section(model.tokenizer, files))
+    if isinstance(model, CTCModel):
+        config, state = ctc_config(model, ctc_tokenizer_section(model.tokenizer, files)), ctc_state_dict(model)
+    else:
+        config, state = canary_config(model, tokenizer_section(model.tokenizer, files)), canary_state_dict(model)
     files[CONFIG_FILE] = yaml.safe_dump(config, sort_keys=False, allow_unicode=True).encode()
-    files[WEIGHTS_FILE] = _torch_bytes(canary_state_dict(model))
-    if model.aligner is not None:
+    files[WEIGHTS_FILE] = _torch_bytes(state)
+    if getattr(model, "aligner", None) is not None:
         aligner_cfg = ctc_config(model.aligner, ctc_tokenizer_section(model.aligner_tokenizer, files))
         files[ALIGNER_CONFIG_FILE] = yaml.safe_dump(aligner_cfg, sort_keys=False, allow_unicode=True).encode()
         files[ALIGNER_WEIGHTS_FILE] = _torch_bytes(ctc_state_dict(model.aligner))
@@ -274,25 +283,26 @@ def main(argv: list[str] | None = None) -> int:
     """`serinus export MODEL OUT.nemo`."""
     import argparse
 
-    from serinus.checkpoint import load_model
+    from serinus.checkpoint import load_any
 
     p = argparse.ArgumentParser(
         prog="serinus export",
         description="Write a Canary model (a Serinus folder, .nemo or Hub id) as a .nemo archive that NeMo's "
-                    "EncDecMultiTaskModel.restore_from loads, with its packed CTC aligner if it has one.")
+                    "EncDecMultiTaskModel.restore_from loads, with its packed CTC aligner if it has one; or a "
+                    "CTC model (serinus train with model.type ctc) as one EncDecCTCModelBPE.restore_from loads.")
     p.add_argument("model", help="Serinus model folder (e.g. a training run's model/), .nemo file or Hub id")
     p.add_argument("out", help="the .nemo file to write")
     args = p.parse_args(argv)
     if not args.out.endswith(".nemo"):
         p.error(f"the output must be a .nemo file, got {args.out!r}")
     try:
-        model = load_model(args.model)
+        model = load_any(args.model, for_training=False)
     except CheckpointError as e:
         print(f"serinus export: error: {e}", file=sys.stderr)
         return 1
     save_nemo(model, args.out)
     dropped = " (its auxiliary CTC head is not part of NeMo's AED model and was left out)" \
         if getattr(model, "ctc_head", None) is not None else ""
-    aligner = " with its CTC aligner" if model.aligner is not None else ""
+    aligner = " with its CTC aligner" if getattr(model, "aligner", None) is not None else ""
     print(f"wrote {args.out}: {args.model}{aligner}{dropped}")
     return 0

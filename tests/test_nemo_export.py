@@ -102,3 +102,26 @@ def test_cli_exports_a_model_with_a_ctc_head_and_says_it_is_left_out(tmp_path, c
 def test_cli_refuses_an_output_that_is_not_nemo(tmp_path):
     with pytest.raises(SystemExit):
         cli(["export", str(FIXTURES / "tiny_canary2.nemo"), str(tmp_path / "out.tar")])
+
+
+def test_cli_exports_a_ctc_model_as_nemos_ctc_model(tmp_path, capsys):
+    """A CTC model (here the fixture's aligner, saved on its own, as `serinus train` with model.type ctc
+    writes one) goes back to NeMo as an EncDecCTCModelBPE .nemo (NeMo 3.0.0 restores it, transcribes with
+    it, and gives the fixture's recorded log-probs: checked by hand); our loader reads it back the same."""
+    from serinus.checkpoint import load_ctc_model, save_ctc_model
+    from serinus.audio import load_audio
+    from serinus.nemo_export import CTC_TARGET
+
+    ctc = load_ctc_model(FIXTURES / "tiny_canary2_v2style.nemo")
+    folder = save_ctc_model(ctc, ctc.tokenizer, tmp_path / "ctc")
+    out = tmp_path / "ctc.nemo"
+    assert cli(["export", str(folder), str(out)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    with tarfile.open(out) as tar:
+        config = yaml.safe_load(tar.extractfile("./model_config.yaml").read())
+    assert config["target"] == CTC_TARGET and config["validation_ds"]["use_start_end_token"] is False
+    back = load_ctc_model(out)
+    audio = torch.from_numpy(load_audio(AUDIO / "en_01.wav"))[None]
+    lengths = torch.tensor([audio.shape[1]])
+    with torch.inference_mode():
+        assert torch.equal(back(audio, lengths)[0], ctc(audio, lengths)[0])
