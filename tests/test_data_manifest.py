@@ -126,6 +126,10 @@ def test_cuts_reuse_recordings_and_check_durations(tmp_path, wav):
     write_lines(path, [{**GOOD, "offset": 0.25, "duration": 0.5}])
     (cut,) = mf.manifest_to_cuts(path)
     assert (cut.start, cut.duration) == (0.25, 0.5) and cut.load_audio().shape == (1, 8000)
+    # an offset of 0 is still a span, as in NeMo's reader: its duration need not be the file's
+    write_lines(path, [{**GOOD, "offset": 0, "duration": 0.5}])
+    (cut,) = mf.manifest_to_cuts(path)
+    assert (cut.start, cut.duration) == (0.0, 0.5) and cut.load_audio().shape == (1, 8000)
 
 
 def test_shar_roundtrip(tmp_path):

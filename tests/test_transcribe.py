@@ -70,6 +70,14 @@ def test_manifest_offset_and_duration_select_a_span(model, tmp_path):
     span = model.transcribe(str(manifest))[0]
     clip = model.transcribe(str(AUDIO / "en_01.wav"))[0]
     assert span.text == clip.text and span.y_sequence == clip.y_sequence
+    # NeMo reads a span wherever `offset` is given, 0 included (and the whole file where it is not: checked
+    # against NeMo 3.0.0): en_long2.wav from 0 for en_01's length is not en_01, and not the whole file
+    start = load_audio(AUDIO / "en_long2.wav")[:55015]
+    manifest.write_text(json.dumps({"audio_filepath": str(AUDIO / "en_long2.wav"), "offset": 0,
+                                    "duration": 55015 / 16000}) + "\n")
+    span = model.transcribe(str(manifest))[0]
+    assert span.y_sequence == model.transcribe(start)[0].y_sequence
+    assert span.y_sequence != model.transcribe(str(AUDIO / "en_long2.wav"))[0].y_sequence
 
 
 def write_bad_inputs(folder, manifest_dir):

@@ -41,7 +41,9 @@ class ManifestEntry:
     audio_filepath: str  # absolute path (relative ones are resolved against the manifest's folder)
     duration: float | None  # None only where it may be left out (require_duration=False)
     text: str | None = None
-    offset: float = 0.0
+    # seconds into the file; None: the whole file. NeMo reads [offset, offset + duration] wherever the key
+    # is given, 0 included, and the whole file where it is not (its duration then only describes it)
+    offset: float | None = None
     extra: dict = field(default_factory=dict)  # every other key, in file order: slots and metadata
     where: str = ""  # "manifest.jsonl:12", used in error messages downstream
     line: dict | None = field(default=None, repr=False, compare=False)  # the JSON object as read
@@ -59,7 +61,7 @@ class ManifestEntry:
             if not rel.startswith(".."):
                 path = rel
         out = {"audio_filepath": path, "duration": self.duration}
-        if self.offset:
+        if self.offset is not None:
             out["offset"] = self.offset
         if self.text is not None:
             out["text"] = self.text
@@ -122,10 +124,8 @@ def parse_line(
             raise ManifestError(f"{where}: duration must be a number of seconds, got {duration!r}")
         if duration <= 0:
             raise ManifestError(f"{where}: duration must be positive, got {duration!r}")
-    offset = item.get("offset", 0.0)
-    if offset is None:
-        offset = 0.0
-    if not _is_number(offset) or offset < 0:
+    offset = item.get("offset")
+    if offset is not None and (not _is_number(offset) or offset < 0):
         raise ManifestError(f"{where}: offset must be a non-negative number of seconds, got {offset!r}")
     text = item.get("text")
     if text is not None and not isinstance(text, str):
@@ -142,8 +142,8 @@ def parse_line(
             if value is not None and value not in langs:
                 raise ManifestError(f"{where}: unknown language {key}={value!r} (known: {', '.join(sorted(langs))})")
     extra = {k: v for k, v in item.items() if k not in CORE_KEYS}
-    return ManifestEntry(str(path), None if duration is None else float(duration), text, float(offset), extra, where,
-                         item)
+    return ManifestEntry(str(path), None if duration is None else float(duration), text,
+                         None if offset is None else float(offset), extra, where, item)
 
 
 def iter_manifest(
@@ -260,7 +260,7 @@ def build_librispeech_manifest(
                 extra = {"source_lang": lang, "target_lang": lang, "pnc": pnc, "lang": lang}
                 duration = info.frames / info.samplerate
                 text = text.lower() if lowercase else text
-                entries.append(ManifestEntry(str(audio.resolve()), duration, text, 0.0, extra, where))
+                entries.append(ManifestEntry(str(audio.resolve()), duration, text, None, extra, where))
     unlisted = [p for p in root.rglob("*.flac") if p.resolve() not in listed]
     if unlisted:
         print(
@@ -280,7 +280,8 @@ def entry_to_cut(entry: ManifestEntry, cut_id: str, recordings: dict | None = No
 
     The supervision holds the text, its language (`target_lang`, else `lang`) and every extra
     field as custom fields, so prompt slots travel with the cut; `cut.origin` is "file:line".
-    Without an offset the cut spans the whole file, as NeMo's lhotse reader does.
+    Without an offset the cut spans the whole file; with one (0 included) it spans [offset, offset +
+    duration], as NeMo's lhotse reader does.
     """
     from lhotse import MonoCut, Recording, SupervisionSegment
 
@@ -292,8 +293,9 @@ def entry_to_cut(entry: ManifestEntry, cut_id: str, recordings: dict | None = No
             raise ManifestError(f"{entry.where}: cannot read audio {entry.audio_filepath}: {e}") from None
         if recordings is not None:
             recordings[entry.audio_filepath] = rec
-    if entry.offset:
-        start, duration = entry.offset, entry.duration
+    if entry.offset is not None:
+        start = entry.offset
+        duration = rec.duration - start if entry.duration is None else entry.duration
         if start + duration > rec.duration + DURATION_TOLERANCE:
             raise ManifestError(
                 f"{entry.where}: offset+duration {start + duration:.3f}s is past the end of the audio "

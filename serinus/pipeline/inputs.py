@@ -101,7 +101,7 @@ def read_manifest_items(path: str | os.PathLike, start_index: int = 0) -> list[I
             item = Item(index, str(audio_path), path=audio_path, entry=entry.line, slots=dict(entry.line), where=where)
             if not audio_path.is_file():
                 item = replace(item, error=f"{audio_path} ({where}): audio file not found")
-            elif entry.offset:  # a span of the file (NeMo's segment manifests)
+            elif entry.offset is not None:  # a span of the file (NeMo's segment manifests), from 0 too
                 num_samples = None if entry.duration is None else round(entry.duration * SAMPLE_RATE)
                 item = replace(item, offset=round(entry.offset * SAMPLE_RATE), num_samples=num_samples)
             items.append(item)
@@ -193,7 +193,8 @@ def read_span(item: Item, start: int, end: int) -> np.ndarray:
     """Samples [start, end) of an item (16 kHz, relative to the item), checked for NaN/inf."""
     if item.samples is not None:
         return validate_audio(item.samples[start:end], item.label)
-    if item.offset == 0 and start == 0 and end >= (item.num_samples or 0):
-        return load_audio(item.path)  # the whole file
+    if item.offset == 0 and start == 0:  # the whole file, or its first `end` samples (a span from 0)
+        samples = load_audio(item.path)
+        return samples if end >= len(samples) else samples[:end].copy()
     return load_audio(item.path, start=item.offset + start, stop=item.offset + end)
 
