@@ -237,8 +237,8 @@ def _resolve_value(tokenizer: Tokenizer, fmt: PromptFormat, slot: Slot, value: o
     """One slot's token (or text) for `value`; ValueError when the slot does not take it."""
     if value is None:
         raise ValueError(f"prompt format {fmt.name!r} needs slot {slot.name!r} (it has no default)")
-    if isinstance(value, bool) and slot.kind == "bool":
-        value = "yes" if value else "no"  # convenience: Python booleans
+    if slot.kind == "bool" and isinstance(value, int) and value in (0, 1):
+        value = "yes" if value else "no"  # convenience: Python/JSON booleans, and 0/1 as numbers
     if not isinstance(value, str):
         raise ValueError(f"slot {slot.name!r} takes a string, got {value!r}")
     if slot.kind == "text":

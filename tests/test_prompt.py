@@ -89,13 +89,15 @@ def test_empty_transcript_unified(tokenizers):
 def test_bool_spellings(tokenizers):
     tok = tokenizers["tiny_canary2"]
     base = {"source_lang": "en", "target_lang": "en"}
-    for v in ("yes", "1", "True", "true", "itn", "<|itn|>", True):
+    for v in ("yes", "1", "True", "true", "itn", "<|itn|>", True, 1):  # a JSON manifest's true or 1 too
         assert resolve_slots(tok, "canary2", {**base, "itn": v})["itn"] == "<|itn|>", v
     # "Yes" is accepted but gives the "no" token, as in NeMo 3.0.0.
-    for v in ("no", "No", "0", "False", "false", "noitn", "<|noitn|>", "Yes", False):
+    for v in ("no", "No", "0", "False", "false", "noitn", "<|noitn|>", "Yes", False, 0):
         assert resolve_slots(tok, "canary2", {**base, "itn": v})["itn"] == "<|noitn|>", v
     with pytest.raises(ValueError, match=r"slot 'pnc' does not accept 'maybe'; allowed: yes, Yes"):
         encode_prompt(tok, "canary2", {**base, "pnc": "maybe"})
+    with pytest.raises(ValueError, match=r"slot 'pnc' takes a string, got 2"):
+        encode_prompt(tok, "canary2", {**base, "pnc": 2})
 
 
 def test_lang_slots_accept_tokens(tokenizers):
