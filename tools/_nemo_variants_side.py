@@ -55,10 +55,6 @@ def build(spec, out_dir):
             set_dotted(cfg, key, value)
     torch.manual_seed(0)
     model = EncDecMultiTaskModel(cfg=cfg)
-    if spec.get("weight_scale"):  # random decoders are near uniform; larger weights give varied tokens
-        with torch.no_grad():
-            for p in model.transf_decoder.parameters():
-                p.mul_(spec["weight_scale"])
     path = os.path.join(out_dir, spec["name"] + ".nemo")
     model.save_to(path)
     return path
