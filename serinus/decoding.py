@@ -32,9 +32,15 @@ class DecodingConfig:
     # (CanaryModel.speculative_draft); the same tokens either way
     speculative: bool = True
 
+    @property
+    def searches_beam(self) -> bool:
+        """A beam search in NeMo's sense (`strategy` beam, of any size, or a beam wider than 1)."""
+        return self.strategy == "beam" or self.beam_size > 1
+
     @classmethod
     def from_nemo(cls, cfg: dict | None) -> "DecodingConfig":
-        """NeMo's `decoding:` section. `strategy: beam` with beam_size 1 is greedy. NeMo reads
+        """NeMo's `decoding:` section. `strategy: beam` with beam_size 1 decodes greedily (keeping the beam
+        strategy's length limit, see `strategy`). NeMo reads
         `beam.length_penalty` and ignores `len_pen`, so `len_pen` does not count here either."""
         cfg = cfg or {}
         strategy = cfg.get("strategy", "beam")
@@ -69,7 +75,7 @@ class Hypothesis:
 def max_new_tokens(encoder_lengths: Tensor, prompt_len: int, cfg: DecodingConfig, max_seq_len: int) -> list[int]:
     """NeMo's limit: min(max_seq_len, enc_len + delta) when delta >= 0, else max_seq_len; minus the prompt;
     plus one for a beam search (`DecodingConfig.strategy`; the last token needs no decoder position)."""
-    extra = 1 if cfg.strategy == "beam" or cfg.beam_size > 1 else 0
+    extra = 1 if cfg.searches_beam else 0
     limits = []
     for enc_len in encoder_lengths.tolist():
         total = min(max_seq_len, enc_len + cfg.max_generation_delta) if cfg.max_generation_delta >= 0 else max_seq_len

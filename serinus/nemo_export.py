@@ -116,7 +116,7 @@ def canary_config(model, tokenizer_section: dict) -> dict:
             "num_classes": dec.vocab_size, "dropout": 0.0, "use_transformer_init": True,
         },
         "decoding": {
-            "strategy": "beam" if cfg.decoding.strategy == "beam" or cfg.decoding.beam_size > 1 else "greedy",
+            "strategy": "beam" if cfg.decoding.searches_beam else "greedy",
             "return_best_hypothesis": True,
             "beam": {"beam_size": cfg.decoding.beam_size, "len_pen": cfg.decoding.length_penalty,
                      "length_penalty": cfg.decoding.length_penalty,
