@@ -50,6 +50,11 @@ class Item:
         return (self.num_samples or 0) / SAMPLE_RATE
 
     @property
+    def is_span(self) -> bool:
+        """A manifest line's span of its file (the line gives an offset, 0 included), not the whole file."""
+        return self.entry is not None and self.entry.get("offset") is not None
+
+    @property
     def transcribes(self) -> bool:
         """Whether its output is what is said (source language = target language), not a translation:
         only then may a CTC head, which spells the audio, score the decoder's hypotheses."""
@@ -193,8 +198,7 @@ def read_span(item: Item, start: int, end: int) -> np.ndarray:
     """Samples [start, end) of an item (16 kHz, relative to the item), checked for NaN/inf."""
     if item.samples is not None:
         return validate_audio(item.samples[start:end], item.label)
-    if item.offset == 0 and start == 0:  # the whole file, or its first `end` samples (a span from 0)
-        samples = load_audio(item.path)
-        return samples if end >= len(samples) else samples[:end].copy()
+    if not item.is_span and start == 0 and end >= (item.num_samples or 0):
+        return load_audio(item.path)  # the whole file
     return load_audio(item.path, start=item.offset + start, stop=item.offset + end)
 
