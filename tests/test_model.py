@@ -167,6 +167,24 @@ def test_padding_rows_of_the_output_layer_are_never_chosen():
         assert all(t < vocab for t in hyp.y_sequence)
 
 
+@pytest.mark.parametrize("kind", ["dw_striding", "striding"])
+def test_subsampling_training_path_does_not_depend_on_padding(kind):
+    # the training path zeroes padding only before the convs that mix time steps and at the end; each
+    # item's valid frames must be those of the item in a batch of its own
+    from serinus.model.encoder import ConvSubsampling, EncoderConfig
+
+    torch.manual_seed(0)
+    sub = ConvSubsampling(EncoderConfig(feat_in=40, d_model=32, subsampling_conv_channels=8,
+                                        subsampling=kind, subsampling_factor=8)).train()
+    x = torch.randn(3, 97, 40)
+    lengths = torch.tensor([97, 61, 30])
+    out, out_len = sub(x, lengths)
+    for i in range(3):
+        alone, alone_len = sub(x[i : i + 1, : lengths[i]], lengths[i : i + 1])
+        assert int(alone_len) == int(out_len[i])
+        torch.testing.assert_close(out[i, : out_len[i]], alone[0], rtol=1e-5, atol=1e-5)
+
+
 def test_subsampling_inference_path_matches_training_path():
     # without autograd, the subsampling convs run one item at a time and in place (to bound memory);
     # the result must be the batched one, padding included

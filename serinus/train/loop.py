@@ -374,7 +374,10 @@ def restore(ckpt: Path, model, opt, sched, scaler=None) -> tuple[int, int, int, 
 
     state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
     model.load_state_dict(read_own_weights(ckpt / "model"))
+    kernels = [{k: group.get(k) for k in ("foreach", "fused")} for group in opt.param_groups]
     opt.load_state_dict(state["optimizer"])
+    for group, chosen in zip(opt.param_groups, kernels):  # this run's kernels, not the saving run's
+        group.update(chosen)
     sched.load_state_dict(state["scheduler"])
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
