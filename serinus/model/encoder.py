@@ -119,7 +119,8 @@ class ConvSubsampling(nn.Module):
             # Inference: one item at a time, each cut to its own length, so the widest activation
             # ([C, T/2, F/2]: 390 MB for 4 x 30 s at 256 channels) is held for one item, not the whole
             # batch, and no layer has padding to zero (a whole pass over that activation each). The
-            # result is the same: padding is zeroed before every layer, as the convs' own padding is.
+            # result is the same: padding is zeroed before every conv that mixes time steps, as the
+            # convs' own padding is.
             # The output is as long as the longest item needs (the features carry one frame past the
             # valid length), so an unpadded batch needs no masks in the layers either.
             t_out = int(calc_subsampled_length(lengths.max().clamp(min=1), self.num_stages))
